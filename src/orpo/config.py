@@ -1,0 +1,322 @@
+"""One validated configuration for a run: sections ``model``, ``data``, ``orpo``, ``train``.
+
+Every field has a default and a description; ``docs/configuration.md`` is generated from the
+same descriptions (``orpo config-doc``). Unknown keys, wrong types and impossible combinations
+fail before any work, with the key's dotted path and a hint.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration problem, already phrased for the user (key path + hint)."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_assignment=True)
+
+
+class LoraConfig(_Section):
+    """LoRA through PEFT. Present (even empty, ``lora: {}``) means enabled."""
+
+    r: int = Field(16, gt=0, description="LoRA rank.")
+    alpha: float = Field(32.0, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
+    target_modules: str | list[str] = Field(
+        "all-linear", description="Module names to adapt; 'all-linear' = every linear layer but the LM head."
+    )
+    modules_to_save: list[str] | None = Field(
+        None, description="Extra modules trained in full and saved with the adapter (e.g. [lm_head])."
+    )
+
+
+class ModelInit(_Section):
+    """A fresh model built from a config (demos, tests). Extra keys go to the transformers config."""
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+    arch: str = Field("llama", description="transformers model_type, e.g. llama, qwen2, mistral.")
+
+
+class ModelConfig(_Section):
+    name_or_path: str | None = Field(
+        None, description="Hub name or local folder of a causal LM. Exactly one of name_or_path / init."
+    )
+    init: ModelInit | None = Field(
+        None, description="Build a fresh model from a config instead, e.g. {arch: llama, hidden_size: 64}."
+    )
+    tokenizer: str | None = Field(None, description="Tokenizer hub name or folder; default: name_or_path.")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
+    trust_remote_code: bool = Field(False, description="Allow model code from the hub.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weight dtype. auto = the checkpoint's own (float32 for init)."
+    )
+    attn_implementation: str | None = Field(
+        None, description="eager | sdpa | flash_attention_2 | ...; default: transformers' choice."
+    )
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    chat_template: str | None = Field(
+        None,
+        description="none | chatml | llama3 | zephyr | path/to/template.jinja. Default: the tokenizer's "
+        "own, or plain text (none) when it has none.",
+    )
+    lora: LoraConfig | None = Field(None, description="LoRA settings; omit for full fine-tuning.")
+    load_in_4bit: bool = Field(False, description="QLoRA: 4-bit NF4 base weights (needs lora, a GPU, bitsandbytes).")
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelConfig:
+        if (self.name_or_path is None) == (self.init is None):
+            raise ValueError("set exactly one of model.name_or_path and model.init")
+        if self.init is not None and self.tokenizer is None:
+            raise ValueError("model.init builds a model without a tokenizer: set model.tokenizer too")
+        if self.load_in_4bit and self.lora is None:
+            raise ValueError("model.load_in_4bit (QLoRA) trains adapters only: add a model.lora section")
+        return self
+
+
+class ColumnMap(_Section):
+    prompt: str = Field(..., description="Column holding the prompt text.")
+    chosen: str = Field(..., description="Column holding the preferred response.")
+    rejected: str = Field(..., description="Column holding the dispreferred response.")
+
+
+DataFormat = Literal["auto", "standard", "implicit", "conversational", "sharegpt", "columns"]
+
+
+class DataConfig(_Section):
+    train: str = Field(
+        ...,
+        description="Local .jsonl/.json/.parquet/.csv (optionally .gz), or a hub dataset 'org/name' "
+        "('org/name:split' picks a split).",
+    )
+    train_split: str = Field("train", description="Split of a hub dataset when train has no ':split'.")
+    subset: str | None = Field(None, description="Hub dataset configuration name, if it has several.")
+    eval: str | None = Field(None, description="Eval data, same forms as train. Exclusive with eval_fraction.")
+    eval_split: str = Field("test", description="Split of a hub eval dataset when eval has no ':split'.")
+    eval_fraction: float = Field(
+        0.0, ge=0.0, lt=1.0, description="Hold out this share of train for eval (fixed seed train.seed)."
+    )
+    format: DataFormat = Field(
+        "auto", description="auto | standard | implicit | conversational | sharegpt | columns."
+    )
+    columns: ColumnMap | None = Field(
+        None, description="Column mapping {prompt, chosen, rejected}; implies format: columns."
+    )
+    max_length: int = Field(1024, gt=1, description="Max tokens of prompt + response, per sequence.")
+    max_prompt_length: int | None = Field(
+        None, gt=0, description="Max prompt tokens (cut from the left); default max_length - min_response_tokens."
+    )
+    min_response_tokens: int = Field(
+        1, ge=1, description="Drop a pair when truncation leaves fewer response tokens than this."
+    )
+    max_samples: int | None = Field(None, gt=0, description="Use only the first N rows of train (quick runs).")
+    on_bad_row: Literal["error", "skip"] = Field(
+        "error", description="error: stop at the first bad row; skip: drop it and count it."
+    )
+    num_proc: int | None = Field(None, ge=1, description="Worker processes for tokenization.")
+    cache_dir: str | None = Field(
+        None, description="Tokenized-data cache; default $ORPO_CACHE or ~/.cache/orpo."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> DataConfig:
+        if self.max_prompt_length is not None and self.max_prompt_length >= self.max_length:
+            raise ValueError(
+                f"max_prompt_length ({self.max_prompt_length}) must be below max_length "
+                f"({self.max_length}) to leave room for the response"
+            )
+        if self.min_response_tokens >= self.max_length:
+            raise ValueError("min_response_tokens must be below max_length")
+        if self.eval is not None and self.eval_fraction > 0:
+            raise ValueError("set data.eval or data.eval_fraction, not both")
+        if self.columns is not None and self.format not in ("auto", "columns"):
+            raise ValueError(f"data.columns implies format 'columns', but format is '{self.format}'")
+        if self.format == "columns" and self.columns is None:
+            raise ValueError("format 'columns' needs data.columns: {prompt: ..., chosen: ..., rejected: ...}")
+        return self
+
+    @property
+    def prompt_budget(self) -> int:
+        """Prompt tokens allowed: the explicit limit, or whatever leaves min_response_tokens."""
+        if self.max_prompt_length is not None:
+            return self.max_prompt_length
+        return self.max_length - self.min_response_tokens
+
+
+class OrpoConfig(_Section):
+    beta: float = Field(
+        0.1,
+        ge=0.0,
+        validation_alias=AliasChoices("beta", "lambda"),
+        description="λ, the weight of the odds-ratio term (alias: lambda). 0 = plain SFT on chosen.",
+    )
+    nll_on_prompt: bool = Field(
+        False, description="Also count chosen-prompt tokens in the NLL (TRL's behaviour). Default: response only."
+    )
+
+
+SchedulerName = Literal["linear", "cosine", "constant", "inverse_sqrt"]
+
+
+class TrainConfig(_Section):
+    output_dir: str = Field("runs/orpo", description="Where checkpoints, metrics.jsonl and final/ go.")
+    max_steps: int | None = Field(None, gt=0, description="Optimizer steps; overrides epochs.")
+    epochs: float | None = Field(None, gt=0, description="Passes over train when max_steps is unset (default 1).")
+    batch_size: int = Field(8, gt=0, description="Pairs per micro-batch (per device).")
+    eval_batch_size: int | None = Field(None, gt=0, description="Pairs per eval batch; default batch_size.")
+    grad_accum: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
+    learning_rate: float = Field(8e-6, gt=0, description="Peak learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (never on norms and biases).")
+    adam_beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1.")
+    adam_beta2: float = Field(0.999, ge=0, lt=1, description="AdamW beta2.")
+    adam_eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
+    lr_scheduler: SchedulerName = Field("linear", description="linear | cosine | constant | inverse_sqrt.")
+    warmup_steps: int | None = Field(None, ge=0, description="Linear warmup steps. Exclusive with warmup_ratio.")
+    warmup_ratio: float | None = Field(None, ge=0, lt=1, description="Warmup as a share of total steps.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the global gradient norm; null = no clip.")
+    mixed_precision: Literal["no", "bf16", "fp16"] = Field(
+        "no", description="Autocast compute dtype (Accelerate); weights stay in model.dtype."
+    )
+    seed: int = Field(42, description="Seed for init, shuffling, the eval split and dropout.")
+    log_every: int = Field(1, gt=0, description="Write metrics every N steps.")
+    eval_every: int | None = Field(None, gt=0, description="Evaluate every N steps (and at the end).")
+    save_every: int | None = Field(None, gt=0, description="Checkpoint every N steps.")
+    save_total_limit: int | None = Field(2, gt=0, description="Keep only the newest N checkpoints.")
+    resume: str = Field(
+        "never",
+        description="never | auto (newest complete checkpoint in output_dir) | path to a checkpoint.",
+    )
+    overwrite: bool = Field(False, description="Allow starting fresh in an output_dir that has checkpoints.")
+    max_bad_steps: int = Field(
+        10, gt=0, description="Stop after this many consecutive steps with a non-finite loss or grad norm."
+    )
+    report_to: list[Literal["tensorboard", "wandb"]] = Field(
+        default_factory=list, description="Extra loggers: tensorboard, wandb."
+    )
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
+    save_final: bool = Field(True, description="Write output_dir/final/ at the end.")
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        if self.warmup_steps is not None and self.warmup_ratio is not None:
+            raise ValueError("set train.warmup_steps or train.warmup_ratio, not both")
+        return self
+
+
+class Config(_Section):
+    model: ModelConfig
+    data: DataConfig
+    orpo: OrpoConfig = Field(default_factory=OrpoConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> Config:
+        has_eval = self.data.eval is not None or self.data.eval_fraction > 0
+        if self.train.eval_every is not None and not has_eval:
+            raise ValueError("train.eval_every needs eval data: set data.eval or data.eval_fraction")
+        return self
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``key.path=value`` overrides; values are parsed as YAML (``8``, ``true``, ``[a, b]``)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key.path=value")
+        path, value = item.split("=", 1)
+        keys = path.strip().split(".")
+        node = raw
+        for k in keys[:-1]:
+            child = node.get(k)
+            if child is None:
+                child = node[k] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"override '{item}': '{k}' is not a section")
+            node = child
+        node[keys[-1]] = yaml.safe_load(value) if value != "" else None
+    return raw
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None,
+                raw: dict[str, Any] | None = None) -> Config:
+    """Read a YAML file (or a dict), apply dotted overrides, validate. Raises ConfigError."""
+    if raw is None:
+        if path is None:
+            raise ConfigError("no configuration given")
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: invalid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping with sections model, data, orpo, train")
+    raw = apply_overrides(raw, list(overrides or []))
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, source=str(path) if path else "config")) from None
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid configuration"]
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"] if not str(x).startswith("function-after"))
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            hint = _suggest(e["loc"])
+            msg = "unknown key" + (f" (did you mean '{hint}'?)" if hint else "")
+        elif e["type"] == "missing":
+            msg = "required key is missing"
+        lines.append(f"  {loc or '<top>'}: {msg}")
+    lines.append("  see docs/configuration.md for every key and its default")
+    return "\n".join(lines)
+
+
+def _suggest(loc: tuple) -> str | None:
+    import difflib
+
+    model: type[BaseModel] = Config
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        if field is None:
+            return None
+        ann = field.annotation
+        sub = next((a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        if sub is None:
+            return None
+        model = sub
+    names = list(model.model_fields)
+    for f in model.model_fields.values():
+        if isinstance(f.validation_alias, AliasChoices):
+            names += [a for a in f.validation_alias.choices if isinstance(a, str)]
+    match = difflib.get_close_matches(str(loc[-1]), names, n=1)
+    return match[0] if match else None
+
+
+def config_doc() -> str:
+    """Markdown reference of every key, its default and its description."""
+    out = ["# Configuration reference", "",
+           "Generated from `orpo/config.py` (`orpo config-doc`). Override any key on the command line:",
+           "`orpo train CONFIG.yaml train.max_steps=100 orpo.beta=0.2`.", ""]
+    sections: list[tuple[str, type[BaseModel]]] = [
+        ("model", ModelConfig), ("model.lora", LoraConfig), ("model.init", ModelInit),
+        ("data", DataConfig), ("data.columns", ColumnMap), ("orpo", OrpoConfig), ("train", TrainConfig),
+    ]
+    for name, cls in sections:
+        out += [f"## `{name}`", "", "| key | default | description |", "|---|---|---|"]
+        for key, f in cls.model_fields.items():
+            default = "required" if f.is_required() else repr(f.get_default(call_default_factory=True))
+            out.append(f"| `{key}` | `{default}` | {f.description or ''} |")
+        out.append("")
+    return "\n".join(out)
