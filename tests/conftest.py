@@ -1,0 +1,60 @@
+"""Shared fixtures. Tests never touch the network; assets come from ../shared."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("ORPO_SHARED", REPO.parent / "shared"))
+
+
+def _need(path: Path) -> Path:
+    if not path.exists():
+        msg = f"needs {path} (the shared assets folder; set ORPO_SHARED to point elsewhere)"
+        if os.environ.get("ORPO_REQUIRE_SHARED") == "1":
+            pytest.fail(msg + " and ORPO_REQUIRE_SHARED=1 forbids skipping", pytrace=False)
+        pytest.skip(msg)
+    return path
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    return _need(SHARED)
+
+
+@pytest.fixture(scope="session")
+def stories_dir(shared_dir: Path) -> Path:
+    """The real tiny pretrained Llama (vocab 512, no pad token, no chat template)."""
+    return _need(shared_dir / "assets" / "stories260K" / "hf")
+
+
+@pytest.fixture(scope="session")
+def hh_path(shared_dir: Path) -> Path:
+    """1,800 Anthropic HH harmless pairs, implicit-prompt format."""
+    return _need(shared_dir / "data" / "hh-rlhf" / "harmless-dev.jsonl.gz")
+
+
+@pytest.fixture(scope="session")
+def preference_dir(shared_dir: Path) -> Path:
+    """ShareGPT (LLaMA-Factory), Orca message lists, StackExchange question/response_j/response_k."""
+    return _need(shared_dir / "assets" / "preference")
+
+
+@pytest.fixture(scope="session")
+def stories_tokenizer(stories_dir: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(stories_dir))
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Each test session gets its own tokenization cache, never the user's ~/.cache/orpo."""
+    monkeypatch.setenv("ORPO_CACHE", str(tmp_path_factory.getbasetemp() / "orpo-cache"))
