@@ -104,8 +104,8 @@ class ORPOOutput:
         """The logged scalars (still tensors: call ``.item()`` once, at logging time)."""
         return {
             "loss": self.loss.detach(),
-            "nll_loss": self.nll_loss.detach(),
-            "or_loss": self.or_loss.detach(),
+            "nll_loss": self.nll_loss,
+            "or_loss": self.or_loss,
             "log_odds_ratio": self.log_odds_ratio,
             "logps_chosen": self.logps_chosen,
             "logps_rejected": self.logps_rejected,
@@ -161,37 +161,36 @@ def orpo_loss(
     or_den = or_normalizer if or_normalizer is not None else max(num_pairs, 1)
     or_loss = per_pair_or.sum() / or_den
 
+    loss = nll + beta * or_loss
     with torch.no_grad():
         ratio = log_odds(logps_chosen) - log_odds(logps_rejected)
         return ORPOOutput(
-            loss=nll + beta * or_loss,
-            nll_loss=nll,
-            or_loss=or_loss,
+            loss=loss,
+            nll_loss=nll.detach(),
+            or_loss=or_loss.detach(),
             log_odds_ratio=ratio.mean(),
-            logps_chosen=logps_chosen.detach().mean(),
-            logps_rejected=logps_rejected.detach().mean(),
+            logps_chosen=logps_chosen.mean(),
+            logps_rejected=logps_rejected.mean(),
             accuracy=(logps_chosen > logps_rejected).float().mean(),
-            margin=(logps_chosen - logps_rejected).detach().mean(),
+            margin=(logps_chosen - logps_rejected).mean(),
             num_pairs=num_pairs,
             num_nll_tokens=num_nll_tokens,
         )
 
 
-def token_logps_from_logits(logits: torch.Tensor, labels: torch.Tensor, chunk_size: int = 4096) -> torch.Tensor:
-    """log P(label) per position, in float32, without a float32 copy of the whole ``[.., T, V]`` logits.
+def token_logps_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """log P(label) per position, in float32; 0 where ``labels == -100`` (no target).
 
-    ``labels`` are already aligned with ``logits`` (position t predicts ``labels[t]``); −100 marks
-    no target and gets 0. The upcast to float32 happens ``chunk_size`` rows at a time.
+    ``labels`` are already aligned with ``logits`` (position t predicts ``labels[t]``). Only the
+    positions with a target are upcast to float32, never the whole ``[.., T, V]`` tensor: with
+    prompts and padding excluded that is often less than half of it.
     """
-    flat_logits = logits.reshape(-1, logits.shape[-1])
     flat_labels = labels.reshape(-1)
-    out = torch.zeros(flat_labels.shape, dtype=torch.float32, device=logits.device)
     keep = (flat_labels != -100).nonzero(as_tuple=True)[0]
-    for start in range(0, keep.numel(), chunk_size):
-        idx = keep[start : start + chunk_size]
-        rows = flat_logits.index_select(0, idx).float()
-        out = out.index_put((idx,), -F.cross_entropy(rows, flat_labels[idx], reduction="none"))
-    return out.view(labels.shape)
+    rows = logits.reshape(-1, logits.shape[-1]).index_select(0, keep).float()
+    picked = -F.cross_entropy(rows, flat_labels.index_select(0, keep), reduction="none")
+    out = torch.zeros(flat_labels.shape, dtype=torch.float32, device=logits.device)
+    return out.index_put((keep,), picked).view(labels.shape)
 
 
 def _as_float(x: torch.Tensor) -> torch.Tensor:
