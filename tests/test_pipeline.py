@@ -26,8 +26,11 @@ def _check_rows(ds, max_length: int, min_response: int = 1) -> None:
 
 
 def test_hh_with_max_length_512_keeps_a_response_in_every_pair(hh_path, stories_tokenizer, tmp_path):
-    """Done-when of the issue: TRL gave empty completions (then NaN) on exactly this data."""
-    cfg = DataConfig(train=str(hh_path), max_length=512, on_bad_row="skip", cache_dir=str(tmp_path))
+    """Done-when of the issue: TRL gave empty completions (then NaN) on exactly this data.
+
+    With the default on_bad_row (error): HH's four empty turns are dropped and counted, not fatal.
+    """
+    cfg = DataConfig(train=str(hh_path), max_length=512, cache_dir=str(tmp_path))
     prepared = prepare_data(cfg, stories_tokenizer, chat_template="none")
     s = prepared.summary
     _check_rows(prepared.train, 512)
