@@ -317,6 +317,7 @@ def config_doc() -> str:
         out += [f"## `{name}`", "", "| key | default | description |", "|---|---|---|"]
         for key, f in cls.model_fields.items():
             default = "required" if f.is_required() else repr(f.get_default(call_default_factory=True))
-            out.append(f"| `{key}` | `{default}` | {f.description or ''} |")
+            desc = (f.description or "").replace("|", "\\|")
+            out.append(f"| `{key}` | `{default}` | {desc} |")
         out.append("")
     return "\n".join(out)
