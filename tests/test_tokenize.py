@@ -160,3 +160,17 @@ def test_encode_pairs_and_dataset_map_agree(stories_tokenizer):
     assert ds["chosen_input_ids"] == [e.chosen_input_ids for e in direct]
     assert ds["rejected_prompt_len"] == [e.rejected_prompt_len for e in direct]
     assert ds["drop_reason"] == ["", ""]
+
+
+def test_adaptive_prompt_budget_when_max_prompt_length_is_unset(stories_tokenizer):
+    """Short responses stay whole and the prompt takes the rest; long ones leave the prompt half."""
+    tok = stories_tokenizer
+    prompt = "Once upon a time " * 200
+    limits = Limits(max_length=64)  # prompt_budget None: adaptive
+    short = _one(tok, prompt, "there was a cat.", "no.", limits)
+    resp_c = len(short.chosen_input_ids) - short.chosen_prompt_len
+    assert short.kept and short.chosen_input_ids[-1] == tok.eos_token_id  # whole, EOS kept
+    assert len(short.chosen_input_ids) == 64 and short.chosen_prompt_len == 64 - resp_c
+    long = _one(tok, prompt, "there was a big cat " * 40, "no.", limits)
+    assert long.chosen_prompt_len == long.rejected_prompt_len == 32  # half of max_length
+    assert len(long.chosen_input_ids) == 64 and long.chosen_input_ids[-1] != tok.eos_token_id

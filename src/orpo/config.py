@@ -110,7 +110,10 @@ class DataConfig(_Section):
     )
     max_length: int = Field(1024, gt=1, description="Max tokens of prompt + response, per sequence.")
     max_prompt_length: int | None = Field(
-        None, gt=0, description="Max prompt tokens (cut from the left); default max_length - min_response_tokens."
+        None,
+        gt=0,
+        description="Max prompt tokens (cut from the left). Default: what the longer response leaves of "
+        "max_length, but at least half of it.",
     )
     min_response_tokens: int = Field(
         1, ge=1, description="Drop a pair when truncation leaves fewer response tokens than this."
@@ -140,13 +143,6 @@ class DataConfig(_Section):
         if self.format == "columns" and self.columns is None:
             raise ValueError("format 'columns' needs data.columns: {prompt: ..., chosen: ..., rejected: ...}")
         return self
-
-    @property
-    def prompt_budget(self) -> int:
-        """Prompt tokens allowed: the explicit limit, or whatever leaves min_response_tokens."""
-        if self.max_prompt_length is not None:
-            return self.max_prompt_length
-        return self.max_length - self.min_response_tokens
 
 
 class OrpoConfig(_Section):

@@ -40,7 +40,7 @@ from orpo.data.tokenize import (
 
 logger = logging.getLogger(__name__)
 
-PIPELINE_VERSION = 1  # bump when rendering, tokenization or truncation changes its output
+PIPELINE_VERSION = 2  # bump when rendering, tokenization or truncation changes its output
 LENGTH_KEYS = ("prompt", "chosen", "rejected", "sequence")
 PERCENTILES = (50, 90, 99)
 
@@ -74,7 +74,7 @@ class DataSummary:
     format: str
     template: str
     max_length: int
-    prompt_budget: int
+    prompt_budget: int | None  # None: adaptive (see tokenize.py)
     rows_read: int
     pairs: int  # valid pairs (after bad rows and max_samples), before tokenization
     kept: int
@@ -115,7 +115,8 @@ class DataSummary:
         drops = ", ".join(f"{k}: {v}" for k, v in sorted(self.dropped.items(), key=lambda kv: -kv[1]))
         counts.add_row("dropped", f"{self.num_dropped}" + (f"  ({drops})" if drops else ""))
         counts.add_row(
-            "truncated", f"{self.truncated}  (max_length {self.max_length}, prompt budget {self.prompt_budget})"
+            "truncated", f"{self.truncated}  (max_length {self.max_length}, prompt budget "
+            f"{self.prompt_budget if self.prompt_budget is not None else 'auto: >= max_length/2'})"
         )
         for err in self.first_errors:
             counts.add_row("bad row", err)

@@ -7,10 +7,12 @@ response. BOS is added only when the tokenizer normally adds one and the text do
 start with it (templates such as llama3 emit it), EOS only when the response does not already
 end with it, so neither is ever doubled.
 
-Truncation never leaves a response empty: the prompt is cut from the left to ``prompt_budget``
-tokens (after BOS, keeping its end, the generation prompt), then each response is cut from the
-right to what is left of ``max_length``; a pair whose response keeps fewer than
-``min_response_tokens`` tokens is dropped with a reason, never kept empty.
+Truncation never leaves a response empty: the prompt is cut from the left to its budget (after
+BOS, keeping its end, the generation prompt), then each response is cut from the right to what
+is left of ``max_length``; a pair whose response keeps fewer than ``min_response_tokens`` tokens
+is dropped with a reason, never kept empty. The budget is ``max_prompt_length`` when set;
+otherwise it adapts per pair: whatever the longer response leaves of ``max_length``, but never
+less than half of it, so neither a long prompt nor a long response squeezes the other to nothing.
 """
 
 from __future__ import annotations
@@ -37,12 +39,19 @@ class Limits:
     """Token limits per sequence (see ``DataConfig``)."""
 
     max_length: int
-    prompt_budget: int
+    prompt_budget: int | None = None  # None: adaptive, see the module doc
     min_response_tokens: int = 1
 
     @classmethod
     def from_config(cls, cfg: DataConfig) -> Limits:
-        return cls(cfg.max_length, cfg.prompt_budget, cfg.min_response_tokens)
+        return cls(cfg.max_length, cfg.max_prompt_length, cfg.min_response_tokens)
+
+    def budget_for(self, longest_response: int) -> int:
+        """Prompt tokens allowed for a pair whose longer response has ``longest_response`` tokens."""
+        if self.prompt_budget is not None:
+            return self.prompt_budget
+        adaptive = max(self.max_length - longest_response, self.max_length // 2)
+        return min(adaptive, self.max_length - self.min_response_tokens)
 
 
 @dataclass(frozen=True)
@@ -159,7 +168,8 @@ def truncate_pair(
     """
     (c_ids, c_bound), (r_ids, r_bound) = chosen, rejected
     lead = 1 if bos_id is not None and c_ids[:1] == [bos_id] and r_ids[:1] == [bos_id] else 0
-    cut = max(0, max(c_bound, r_bound) - limits.prompt_budget)
+    budget = limits.budget_for(max(len(c_ids) - c_bound, len(r_ids) - r_bound))
+    cut = max(0, max(c_bound, r_bound) - budget)
     cut = min(cut, max(0, min(c_bound, r_bound) - lead))
     c_resp, r_resp = c_ids[c_bound:], r_ids[r_bound:]
     c_prompt = c_ids[:lead] + c_ids[lead + cut : c_bound]

@@ -1,13 +1,14 @@
 """The training loop on Accelerate: ``train(cfg)``, ``evaluate(...)``, ``merge_lora(...)``."""
 
 from orpo.train.checkpoint import ResumeError, list_checkpoints
-from orpo.train.evaluate import evaluate
+from orpo.train.evaluate import evaluate, load_for_inference
 from orpo.train.logger import read_metrics
-from orpo.train.model import ensure_pad_token, load_model, load_tokenizer, merge_lora
+from orpo.train.merge import merge_lora
+from orpo.train.model import ensure_pad_token, load_model, load_tokenizer
 from orpo.train.objective import ORPOObjective
 from orpo.train.trainer import Trainer, TrainingDiverged, TrainResult, train
 
 __all__ = [
     "ORPOObjective", "ResumeError", "TrainResult", "Trainer", "TrainingDiverged", "ensure_pad_token", "evaluate",
-    "list_checkpoints", "load_model", "load_tokenizer", "merge_lora", "read_metrics", "train",
+    "list_checkpoints", "load_for_inference", "load_model", "load_tokenizer", "merge_lora", "read_metrics", "train",
 ]

@@ -1,0 +1,183 @@
+"""The `orpo` command line: train, preprocess, eval, generate, merge, config-doc.
+
+Every command reports bad input (configuration, data) as one clear message on stderr and exit
+status 2, without a traceback; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+
+EXIT_USAGE = 2
+
+TRAIN_EPILOG = """\
+CONFIG is a YAML file with sections model, data, orpo, train; any key can be overridden with
+key.path=value (parsed as YAML), e.g.  orpo train cfg.yaml train.max_steps=100 orpo.beta=0.2
+Every key, its default and its meaning: docs/configuration.md (or `orpo config-doc`).
+"""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return EXIT_USAGE
+    from orpo.config import ConfigError
+    from orpo.data import DataError
+
+    try:
+        return int(args.func(args) or 0)
+    except (ConfigError, DataError, FileNotFoundError) as e:
+        print(f"orpo {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"orpo {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="orpo", description="ORPO preference training for causal language models.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    t = sub.add_parser("train", help="train from a YAML config", epilog=TRAIN_EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    t.add_argument("config", help="YAML configuration file")
+    t.add_argument("overrides", nargs="*", metavar="key.path=value", help="dotted overrides")
+    t.set_defaults(func=_cmd_train)
+
+    pp = sub.add_parser("preprocess", help="tokenize the data and print its summary, nothing else",
+                        epilog=TRAIN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    pp.add_argument("config")
+    pp.add_argument("overrides", nargs="*", metavar="key.path=value")
+    pp.set_defaults(func=_cmd_preprocess)
+
+    e = sub.add_parser("eval", help="ORPO metrics of a model on preference pairs (JSON on stdout)")
+    e.add_argument("--model", required=True, help="model folder (a final/ or checkpoint) or hub name")
+    e.add_argument("--data", required=True, help="preference data file or hub dataset")
+    e.add_argument("--split", default="train", help="split of a hub dataset (default: train)")
+    e.add_argument("--format", default="auto", help="auto | standard | implicit | conversational | sharegpt")
+    e.add_argument("--max-length", type=int, default=1024)
+    e.add_argument("--max-prompt-length", type=int, default=None)
+    e.add_argument("--chat-template", default=None, help="none | chatml | llama3 | zephyr | FILE.jinja")
+    e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--beta", type=float, default=0.1, help="λ used for the reported loss")
+    e.add_argument("--max-samples", type=int, default=None)
+    e.set_defaults(func=_cmd_eval)
+
+    g = sub.add_parser("generate", help="generate a reply to one prompt (chat template applied)")
+    g.add_argument("--model", required=True)
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--system", default=None, help="optional system message")
+    g.add_argument("--chat-template", default=None, help="none | chatml | llama3 | zephyr | FILE.jinja")
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--seed", type=int, default=0)
+    g.set_defaults(func=_cmd_generate)
+
+    m = sub.add_parser("merge", help="merge a LoRA adapter into its base model")
+    m.add_argument("adapter", help="adapter folder (e.g. OUTPUT_DIR/final)")
+    m.add_argument("output", help="where to write the merged model")
+    m.set_defaults(func=_cmd_merge)
+
+    c = sub.add_parser("config-doc", help="print the configuration reference (Markdown)")
+    c.set_defaults(func=_cmd_config_doc)
+    return p
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from orpo.config import load_config
+    from orpo.train import train
+
+    cfg = load_config(args.config, args.overrides)
+    train(cfg)
+    return 0
+
+
+def _cmd_preprocess(args: argparse.Namespace) -> int:
+    from orpo.config import load_config
+    from orpo.data import prepare_data
+    from orpo.train.model import load_tokenizer
+
+    cfg = load_config(args.config, args.overrides)
+    tokenizer = load_tokenizer(cfg.model)
+    prepared = prepare_data(cfg.data, tokenizer, chat_template=cfg.model.chat_template, seed=cfg.train.seed)
+    print(prepared.summary.render())
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from orpo.config import DataConfig
+    from orpo.data import prepare_data
+    from orpo.train.evaluate import evaluate, load_for_inference, print_eval_table
+
+    model, tokenizer = load_for_inference(args.model)
+    data_cfg = DataConfig(
+        train=args.data, train_split=args.split, format=args.format, max_length=args.max_length,
+        max_prompt_length=args.max_prompt_length, max_samples=args.max_samples,
+    )
+    prepared = prepare_data(data_cfg, tokenizer, chat_template=args.chat_template)
+    print(prepared.summary.render(), file=sys.stderr)
+    m = evaluate(model, prepared.train, tokenizer.pad_token_id, batch_size=args.batch_size, beta=args.beta)
+    result = {
+        "pairs": m["pairs"],
+        "accuracy": m["accuracy"],
+        "logps_chosen": m["logps_chosen"],
+        "logps_rejected": m["logps_rejected"],
+        "log_odds_ratio": m["log_odds_ratio"],
+        "nll": m["nll_loss"],
+        "or_loss": m["or_loss"],
+        "loss": m["loss"],
+    }
+    print_eval_table(result, title=f"{args.model} on {args.data}")
+    print(json.dumps(result))
+    return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from orpo.data.formats import Pair
+    from orpo.data.templates import render_prompt, resolve_chat_template
+    from orpo.data.tokenize import encode_prompt
+    from orpo.train.evaluate import load_for_inference
+
+    torch.manual_seed(args.seed)
+    model, tokenizer = load_for_inference(args.model)
+    template = resolve_chat_template(args.chat_template, tokenizer)
+    messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+        {"role": "user", "content": args.prompt}
+    ]
+    text = render_prompt(Pair(prompt=messages, chosen="x", rejected="y"), template, tokenizer)
+    # the same BOS rule as training, so the model sees what it was trained on
+    input_ids = torch.tensor([encode_prompt(text, tokenizer)], device=model.device)
+    ids = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+    sampling = {"do_sample": True, "temperature": args.temperature} if args.temperature > 0 else {"do_sample": False}
+    out = model.generate(**ids, max_new_tokens=args.max_new_tokens, pad_token_id=tokenizer.pad_token_id, **sampling)
+    reply = tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+    print(reply.strip())
+    return 0
+
+
+def _cmd_merge(args: argparse.Namespace) -> int:
+    from orpo.train.merge import merge_lora
+
+    path = merge_lora(args.adapter, args.output)
+    print(f"merged model written to {path}")
+    return 0
+
+
+def _cmd_config_doc(args: argparse.Namespace) -> int:
+    from orpo.config import config_doc
+
+    print(config_doc())
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""Evaluation over a whole tokenized preference set: the trainer's periodic eval and ``orpo eval``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from orpo.data.collate import Layout, PaddedLayout
+from orpo.train.model import ensure_pad_token, logits_keep_mode
+from orpo.train.objective import MetricSums, ORPOObjective
+
+
+@torch.no_grad()
+def evaluate(model, dataset, layout: Layout | int, batch_size: int, beta: float = 0.1, nll_on_prompt: bool = False,
+             accelerator=None, device: torch.device | str | None = None,
+             keep_mode: str | None | bool = True, objective: ORPOObjective | None = None) -> dict[str, float]:
+    """ORPO metrics over every pair of ``dataset``, token/pair weighted (not a mean of batch means).
+
+    Returns ``loss, nll_loss, or_loss, log_odds_ratio, logps_chosen, logps_rejected, accuracy,
+    margin`` (means over pairs; ``nll_loss`` over response tokens) and the counts ``pairs,
+    nll_tokens, tokens``. With an ``accelerator`` of several processes, batch ``k`` runs on rank
+    ``k mod world`` and the sums are all-reduced, so every rank returns the same numbers.
+    ``keep_mode``: True = skip the LM head where there is no target when the model allows it.
+    ``layout``: a batch layout, or the pad token id for the default ``PaddedLayout``.
+    The model is put in eval mode (no dropout) and restored to its previous mode. ``objective``
+    replaces the ORPO objective built from ``beta`` / ``nll_on_prompt`` (the trainer passes its own).
+    """
+    objective = objective or ORPOObjective(beta=beta, nll_on_prompt=nll_on_prompt)
+    if isinstance(layout, int):
+        layout = PaddedLayout(pad_token_id=layout)
+    if keep_mode is True:
+        keep_mode = logits_keep_mode(_unwrap(model, accelerator))
+    elif keep_mode is False:
+        keep_mode = None
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+    if device is None:
+        device = accelerator.device if accelerator else next(model.parameters()).device
+    sums = MetricSums(device)
+    was_training = model.training
+    model.eval()
+    try:
+        for k, start in enumerate(range(0, len(dataset), batch_size)):
+            if k % world != rank:
+                continue
+            rows = dataset[start : start + batch_size]
+            rows = [dict(zip(rows, vals, strict=True)) for vals in zip(*rows.values(), strict=True)]
+            batch = objective.prepare(layout(rows), keep_mode)
+            nll_tokens, tokens = objective.nll_tokens(batch), batch.num_tokens()
+            out = objective(model, batch.to(device), nll_normalizer=1.0, or_normalizer=1.0)
+            sums.add(out, nll_tokens=nll_tokens, tokens=tokens)
+    finally:
+        model.train(was_training)
+    sums.reduce(accelerator)
+    return sums.finalize(objective.beta, normalized=False)
+
+
+def _unwrap(model, accelerator):
+    return accelerator.unwrap_model(model) if accelerator is not None else model
+
+
+def load_for_inference(name_or_path: str, dtype: str = "auto", device: str | None = None,
+                       trust_remote_code: bool = False) -> tuple[Any, Any]:
+    """A trained model folder (full, or a LoRA adapter with its base) and its tokenizer, ready to run.
+
+    The tokenizer comes from the same folder (``final/`` holds it, chat template included) and gets
+    a pad token like in training. Placed on CUDA when there is one, in eval mode.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from orpo.train.model import DTYPES
+
+    path = Path(name_or_path)
+    torch_dtype = "auto" if dtype == "auto" else DTYPES[dtype]
+    if (path / "adapter_config.json").is_file():
+        from peft import AutoPeftModelForCausalLM
+
+        model = AutoPeftModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype,
+                                                         trust_remote_code=trust_remote_code)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype,
+                                                     trust_remote_code=trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    ensure_pad_token(tokenizer)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return model.to(device).eval(), tokenizer
+
+
+def print_eval_table(metrics: dict[str, Any], title: str = "evaluation", console: Console | None = None) -> None:
+    """The eval metrics as a two-column table (on stderr by default, so stdout can stay JSON)."""
+    table = Table(title=title, show_header=False)
+    for key, value in metrics.items():
+        table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+    (console or Console(stderr=True)).print(table)

@@ -1,0 +1,156 @@
+"""Where metrics go: ``metrics.jsonl`` (always), TensorBoard and W&B (when asked), a progress bar.
+
+Only the main process logs; the trainer has already all-reduced the numbers it passes in.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from orpo.config import ConfigError
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def _clean(value: Any) -> Any:
+    """JSON has no NaN/inf: a non-finite number is written as null (the step is flagged skipped)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def check_report_to(report_to: Sequence[str]) -> None:
+    """Fail before any work when a requested logger cannot run."""
+    if "wandb" in report_to and importlib.util.find_spec("wandb") is None:
+        raise ConfigError("train.report_to includes wandb but wandb is not installed: "
+                          "pip install 'orpo[wandb]' (or remove it from train.report_to)")
+
+
+class MetricsLogger:
+    """One JSON object per logged step in ``metrics.jsonl``, mirrored to TensorBoard / W&B.
+
+    On resume from step N, rows after N (written by the killed run after its last checkpoint)
+    are dropped first, so the file reads as one uninterrupted run.
+    """
+
+    def __init__(self, output_dir: str | Path, report_to: Sequence[str], config: dict[str, Any],
+                 resume_step: int | None = None, run_name: str | None = None):
+        self.path = Path(output_dir) / METRICS_FILE
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        kept = _rows_up_to(self.path, resume_step) if resume_step is not None else []
+        with self.path.open("w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in kept)
+        self._tb = None
+        self._wandb = None
+        if "tensorboard" in report_to:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(Path(output_dir) / "tensorboard"), purge_step=resume_step)
+        if "wandb" in report_to:
+            check_report_to(report_to)
+            import wandb
+
+            self._wandb = wandb.init(config=config, name=run_name, dir=str(output_dir), resume="allow")
+
+    def log(self, row: dict[str, Any]) -> None:
+        row = {k: _clean(v) for k, v in row.items()}
+        # open per row: a few rows per second at most, and nothing stays open if the run dies
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        step = row["step"]
+        scalars = {k: v for k, v in row.items() if k != "step" and isinstance(v, int | float)}
+        if self._tb is not None:
+            for k, v in scalars.items():
+                tag = f"eval/{k.removeprefix('eval_')}" if k.startswith("eval_") else f"train/{k}"
+                self._tb.add_scalar(tag, v, step)
+        if self._wandb is not None:
+            self._wandb.log(scalars, step=step)
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """Rows of a ``metrics.jsonl`` (train and eval rows, in order)."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / METRICS_FILE
+    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+
+
+def _rows_up_to(path: Path, step: int) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [r for r in read_metrics(path) if r.get("step", 0) <= step]
+
+
+class ProgressBar:
+    """A rich progress bar: step, loss, log odds ratio, accuracy, tokens/s, time left."""
+
+    def __init__(self, total: int, start: int, console: Console | None, enabled: bool = True):
+        self.enabled = enabled
+        self._progress = Progress(
+            TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+            console=console, transient=False, disable=not enabled,
+        )
+        self._task = self._progress.add_task("train", total=total, completed=start, stats="")
+        self._started = False
+
+    def __enter__(self) -> ProgressBar:
+        self._progress.start()
+        self._started = True
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._progress.stop()
+
+    def update(self, step: int, row: dict[str, Any] | None) -> None:
+        stats = ""
+        if row:
+            stats = (f"loss {_fmt(row.get('loss'))}  lor {_fmt(row.get('log_odds_ratio'))}  "
+                     f"acc {_fmt(row.get('accuracy'), '.2f')}  {_fmt(row.get('tokens_per_s'), ',.0f')} tok/s")
+            if row.get("skipped_steps"):
+                stats += f"  skipped {row['skipped_steps']}"
+        self._progress.update(self._task, completed=step, stats=stats)
+
+    def print(self, text: str) -> None:
+        self._progress.console.print(text)
+
+
+def _fmt(v: Any, spec: str = ".4f") -> str:
+    return "nan" if v is None else format(v, spec)
+
+
+class Throughput:
+    """Tokens per second of optimizer steps (eval and checkpoint time excluded) since the last read."""
+
+    def __init__(self) -> None:
+        self._tokens, self._seconds = 0, 0.0
+
+    def add(self, tokens: int, seconds: float) -> None:
+        self._tokens += tokens
+        self._seconds += seconds
+
+    def read(self) -> float:
+        rate = self._tokens / max(self._seconds, 1e-9)
+        self._tokens, self._seconds = 0, 0.0
+        return rate

@@ -1,0 +1,34 @@
+"""``orpo merge``: fold a trained LoRA adapter into its base model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from transformers import AutoTokenizer
+
+from orpo.config import ConfigError
+from orpo.train.checkpoint import atomic_dir, quiet_saving
+from orpo.train.model import DTYPES
+
+
+def merge_lora(adapter_dir: str | Path, out_dir: str | Path, dtype: str = "auto",
+               trust_remote_code: bool = False) -> Path:
+    """Fold a LoRA adapter into its base model and write a standard HF model folder (atomically).
+
+    The base is the adapter config's ``base_model_name_or_path``. The tokenizer saved next to the
+    adapter (with its chat template) is copied along, so ``out_dir`` is ready for ``from_pretrained``.
+    """
+    from peft import AutoPeftModelForCausalLM
+
+    adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise ConfigError(f"{adapter_dir}: no adapter_config.json, not a LoRA adapter folder")
+    torch_dtype = "auto" if dtype == "auto" else DTYPES[dtype]
+    model = AutoPeftModelForCausalLM.from_pretrained(str(adapter_dir), dtype=torch_dtype,
+                                                     trust_remote_code=trust_remote_code)
+    merged = model.merge_and_unload()
+    with atomic_dir(out_dir) as tmp, quiet_saving():
+        merged.save_pretrained(tmp)
+        if (adapter_dir / "tokenizer_config.json").is_file():
+            AutoTokenizer.from_pretrained(str(adapter_dir)).save_pretrained(tmp)
+    return out_dir

@@ -1,0 +1,516 @@
+"""The ORPO training recipe on Accelerate: set up in dependency order, then one loop.
+
+    setup()   accelerator -> resume decision -> tokenizer -> data -> model -> optimizer
+              -> scheduler -> accelerator.prepare -> checkpoint state -> logger
+    train()   [eval at step 0] -> per step: fetch grad_accum micro-batches -> _step -> _log
+              -> evaluate / save_checkpoint when due -> [final eval] -> save_final -> summary
+
+The objective (``ORPOObjective``) and the batch layout (``PaddedLayout``) are passed in, so a new
+objective or layout never means a new trainer. Gradient accumulation and data parallelism never
+change the loss: each micro-batch's NLL and odds-ratio sums are divided by the token and pair
+counts of the whole optimizer step, over all micro-batches and all processes.
+
+Reproducible: the data order is a pure function of (seed, epoch), every RNG is checkpointed, so
+the same config gives the same metrics and a resumed run continues the uninterrupted one step for
+step. A step with a non-finite loss or gradient norm is skipped, not applied (``_optimizer_step``).
+The loop syncs with the device once per optimizer step (that finiteness check) and reads the
+metrics back only on logged steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from accelerate.utils import set_seed
+from rich.console import Console
+from torch.utils.data import DataLoader
+
+from orpo.config import Config, ConfigError
+from orpo.data.collate import Layout, PaddedLayout, PreferenceBatch
+from orpo.train import checkpoint as ckpt
+from orpo.train.evaluate import evaluate
+from orpo.train.logger import MetricsLogger, ProgressBar, Throughput, check_report_to
+from orpo.train.model import is_peft_model, load_model, load_tokenizer, logits_keep_mode
+from orpo.train.objective import MetricSums, ORPOObjective
+from orpo.train.optim import build_optimizer, build_scheduler
+
+ROW_COLUMNS = ["chosen_input_ids", "chosen_prompt_len", "rejected_input_ids", "rejected_prompt_len"]
+
+
+class TrainData(Protocol):
+    """What the trainer needs from ``orpo.data.pipeline.PreparedData``."""
+
+    train: Any  # datasets.Dataset with ROW_COLUMNS
+    eval: Any | None
+    fingerprint: str
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many consecutive steps with a non-finite loss or gradient norm."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Data order
+
+
+def epoch_micro_batches(num_rows: int, batch_size: int, seed: int, epoch: int, rank: int = 0,
+                        num_processes: int = 1) -> list[list[int]]:
+    """Row indices of this rank's micro-batches in ``epoch``: a pure function of its arguments.
+
+    The order is a permutation from a generator seeded with ``seed + epoch`` (never the global
+    RNG), so a resumed run can rebuild it and skip to any micro-batch. Each global micro-batch of
+    ``batch_size * num_processes`` rows is dealt out round-robin; the last, smaller one is kept
+    (the loss is normalized by token counts, so a short batch weighs what its tokens weigh) unless
+    some rank would get nothing.
+    """
+    perm = torch.randperm(num_rows, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+    chunk = batch_size * num_processes
+    chunks = [perm[i : i + chunk] for i in range(0, num_rows, chunk)]
+    if chunks and len(chunks[-1]) < num_processes:
+        chunks.pop()
+    return [c[rank::num_processes] for c in chunks]
+
+
+@dataclass
+class DataPosition:
+    epoch: int
+    micro_batch: int  # the next micro-batch of `epoch` to use
+
+
+def _collate(rows, layout: Layout, objective: ORPOObjective, keep_mode: str | None) -> PreferenceBatch:
+    return objective.prepare(layout(rows), keep_mode)
+
+
+class MicroBatchStream:
+    """An endless stream of collated micro-batches, epoch after epoch, from a given position."""
+
+    def __init__(self, dataset, collate: Callable, batch_size: int, seed: int, rank: int, num_processes: int,
+                 num_workers: int, start: DataPosition):
+        self.dataset, self.collate, self.batch_size, self.seed = dataset, collate, batch_size, seed
+        self.rank, self.num_processes, self.num_workers, self.start = rank, num_processes, num_workers, start
+        self.per_epoch = len(epoch_micro_batches(len(dataset), batch_size, seed, 0, rank, num_processes))
+
+    def __iter__(self) -> Iterator[tuple[PreferenceBatch, DataPosition]]:
+        epoch, first = self.start.epoch, self.start.micro_batch
+        while True:
+            order = epoch_micro_batches(len(self.dataset), self.batch_size, self.seed, epoch, self.rank,
+                                        self.num_processes)[first:]
+            # A DataLoader draws a base seed for its workers from its generator at every iter():
+            # give it its own so the global RNG (dropout) is untouched by where the run resumed.
+            loader = DataLoader(self.dataset, batch_sampler=order, collate_fn=self.collate,
+                                num_workers=self.num_workers, generator=torch.Generator().manual_seed(self.seed))
+            for i, batch in enumerate(loader):
+                done = first + i + 1
+                yield batch, (DataPosition(epoch, done) if done < self.per_epoch else DataPosition(epoch + 1, 0))
+            epoch, first = epoch + 1, 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Result
+
+
+@dataclass
+class TrainResult:
+    """The closing summary of a run (also printed)."""
+
+    steps: int
+    skipped_steps: int
+    time_s: float  # wall time of train(), eval and saving included
+    tokens: int  # real (non-pad) tokens of this run's steps, all processes
+    tokens_per_s: float  # over the time spent in optimizer steps
+    peak_memory_bytes: int
+    peak_memory_kind: str  # "CUDA max allocated" or "process peak RSS"
+    best_eval: dict[str, float] | None
+    final_dir: Path | None
+    output_dir: Path
+    last_metrics: dict[str, Any] = field(default_factory=dict)
+
+    def render(self) -> str:
+        lines = [
+            f"steps          {self.steps} ({self.skipped_steps} skipped)",
+            f"time           {self.time_s:.1f} s",
+            f"throughput     {self.tokens_per_s:,.0f} tokens/s ({self.tokens:,} tokens)",
+            f"peak memory    {self.peak_memory_bytes / 2**20:,.0f} MiB ({self.peak_memory_kind})",
+        ]
+        if self.best_eval:
+            b = self.best_eval
+            lines.append(f"best eval      step {b['step']}: loss {b['eval_loss']:.4f}, "
+                         f"accuracy {b['eval_accuracy']:.3f}")
+        lines.append(f"model          {self.final_dir or '(not saved: train.save_final is false)'}")
+        lines.append(f"metrics        {self.output_dir / 'metrics.jsonl'}")
+        return "\n".join(lines)
+
+
+@dataclass
+class StepOutput:
+    sums: MetricSums
+    grad_norm: torch.Tensor
+    lr: float
+
+
+# ---------------------------------------------------------------------------------------------
+# The recipe
+
+
+class Trainer:
+    """ORPO training of one model on one prepared dataset; see the module docstring for the stages.
+
+    ``data``: an already prepared dataset (default: ``prepare_data(cfg.data, ...)``);
+    ``objective`` / ``layout``: default ``ORPOObjective(cfg.orpo...)`` / ``PaddedLayout(pad id)``;
+    ``on_step_end(trainer)``: called after each step's logging, eval and checkpoint (tests use it
+    to interrupt a run).
+    """
+
+    # set by setup(), in this order
+    accelerator: Accelerator
+    resume_from: Path | None
+    tokenizer: Any
+    layout: Layout
+    data: TrainData
+    model: Any  # plain, PEFT, then DDP-wrapped by accelerator.prepare: unwrap_model gets the model
+    optimizer: Any
+    scheduler: Any
+    total_steps: int
+    state: ckpt.TrainState
+    logger: MetricsLogger | None
+
+    def __init__(self, cfg: Config, *, data: TrainData | None = None, objective: ORPOObjective | None = None,
+                 layout: Layout | None = None, console: Console | None = None,
+                 on_step_end: Callable[[Trainer], None] | None = None, progress: bool = True):
+        self.cfg = cfg
+        self._given_data, self._given_layout = data, layout
+        self.objective = objective or ORPOObjective(beta=cfg.orpo.beta, nll_on_prompt=cfg.orpo.nll_on_prompt)
+        self.console = console or Console(stderr=True)
+        self.on_step_end = on_step_end
+        self.show_progress = progress
+        self.output_dir = Path(cfg.train.output_dir)
+
+    # -- setup ------------------------------------------------------------------------------
+
+    def setup(self) -> Trainer:
+        check_report_to(self.cfg.train.report_to)
+        self._setup_accelerator()
+        self.resume_from = ckpt.resolve_resume(self.cfg)
+        self._setup_tokenizer()
+        self._setup_data()
+        self._setup_model()
+        self.optimizer = build_optimizer(self.model, self.cfg.train)
+        self._setup_scheduler()
+        self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
+        self._setup_state()
+        self._setup_logger()
+        return self
+
+    def _setup_accelerator(self) -> None:
+        # cpu=True only where there is no accelerator at all: without it Accelerate ignores a
+        # torchrun launch on a CPU-only machine (each process trains alone, as rank 0 of 1).
+        cpu_only = not torch.cuda.is_available() and not torch.backends.mps.is_available()
+        state = AcceleratorState._shared_state
+        if state and state.get("_mixed_precision") != self.cfg.train.mixed_precision:
+            # Accelerate keeps one precision per process; a second run in the same process (a
+            # notebook, the tests) with another train.mixed_precision would be refused otherwise.
+            AcceleratorState._reset_state()
+        self.accelerator = Accelerator(mixed_precision=self.cfg.train.mixed_precision, cpu=cpu_only)
+        self.is_main = self.accelerator.is_main_process
+        set_seed(self.cfg.train.seed)
+
+    def _print(self, text: str) -> None:
+        if self.is_main:
+            self.console.print(text, highlight=False)
+
+    def _setup_tokenizer(self) -> None:
+        self.tokenizer = load_tokenizer(self.cfg.model)
+        self.layout = self._given_layout or PaddedLayout(pad_token_id=self.tokenizer.pad_token_id)
+
+    def _setup_data(self) -> None:
+        if self._given_data is not None:
+            self.data = self._given_data
+        else:
+            from orpo.data.pipeline import prepare_data
+
+            with self.accelerator.main_process_first():
+                self.data = prepare_data(self.cfg.data, self.tokenizer, chat_template=self.cfg.model.chat_template,
+                                         seed=self.cfg.train.seed, console=self.console if self.is_main else None)
+        summary = getattr(self.data, "summary", None)
+        if summary is not None:
+            self._print(summary.render())
+        self.train_data = self.data.train.select_columns(ROW_COLUMNS)
+        self.eval_data = self.data.eval.select_columns(ROW_COLUMNS) if self.data.eval is not None else None
+        if self.eval_data is not None and len(self.eval_data) == 0:
+            self.eval_data = None
+        world = self.accelerator.num_processes
+        if len(self.train_data) < world:
+            raise ConfigError(f"the training set has {len(self.train_data)} pairs, fewer than the {world} processes")
+
+    def _setup_model(self) -> None:
+        acc = self.accelerator
+        device_map = {"": acc.local_process_index} if self.cfg.model.load_in_4bit else None
+        model = load_model(self.cfg.model, self.tokenizer, seed=self.cfg.train.seed, device_map=device_map)
+        if not self.cfg.model.load_in_4bit:
+            model.to(acc.device)  # before the optimizer, which picks the fused kernel by device
+        model.train()
+        self.keep_mode = logits_keep_mode(model)
+        total = sum(p.numel() for p in model.parameters())
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        self._print(f"model: {total:,} parameters, {trainable:,} trainable"
+                    f"{' (LoRA)' if is_peft_model(model) else ''}, on {acc.device}")
+        self.model = model
+
+    def _setup_scheduler(self) -> None:
+        t, acc = self.cfg.train, self.accelerator
+        per_epoch = len(epoch_micro_batches(len(self.train_data), t.batch_size, t.seed, 0, acc.process_index,
+                                            acc.num_processes))
+        self.micro_batches_per_epoch = per_epoch
+        self.total_steps = t.max_steps or math.ceil((t.epochs or 1.0) * per_epoch / t.grad_accum)
+        # Stepped by hand once per optimizer step and never passed to accelerator.prepare(), whose
+        # wrapper would step it once per process.
+        self.scheduler = build_scheduler(self.optimizer, t, self.total_steps)
+
+    def _setup_state(self) -> None:
+        acc = self.accelerator
+        if self.resume_from is not None:
+            self.state = ckpt.check_resume_compatible(self.resume_from, self.cfg, self.data.fingerprint,
+                                                      acc.num_processes)
+            ckpt.load_checkpoint(acc, self.resume_from, self.model, self.optimizer, self.scheduler)
+            self._print(f"resumed from {self.resume_from} (step {self.state.step})")
+        else:
+            self.state = ckpt.TrainState(data_fingerprint=self.data.fingerprint, num_processes=acc.num_processes)
+
+    def _setup_logger(self) -> None:
+        """Last, so a run that fails to set up never deletes the previous one it would overwrite."""
+        self.logger = None
+        if self.is_main:
+            if self.resume_from is None and self.cfg.train.overwrite:
+                ckpt.clear_previous_run(self.output_dir)
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            (self.output_dir / "config.yaml").write_text(ckpt.dump_config(self.cfg))
+            self.logger = MetricsLogger(self.output_dir, self.cfg.train.report_to, self.cfg.model_dump(mode="json"),
+                                        resume_step=self.state.step if self.resume_from else None)
+        self.accelerator.wait_for_everyone()
+
+    # -- train ------------------------------------------------------------------------------
+
+    def train(self) -> TrainResult:
+        t = self.cfg.train
+        started = time.perf_counter()
+        tokens_at_start, seconds_at_start = self.state.tokens_seen, self.state.train_seconds
+        self.throughput = Throughput()
+        self._print(f"training {self.total_steps} steps of {t.batch_size} x {t.grad_accum} x "
+                    f"{self.accelerator.num_processes} pairs (from step {self.state.step})")
+        bar = ProgressBar(self.total_steps, self.state.step, self.console, enabled=self.is_main and self.show_progress)
+        try:
+            with bar:
+                if self.state.step == 0 and self.eval_data is not None:
+                    self.evaluate()
+                stream = self._micro_batches()
+                row = None
+                while self.state.step < self.total_steps:
+                    fetched = [next(stream) for _ in range(t.grad_accum)]
+                    step_started = time.perf_counter()
+                    out = self._step([b for b, _ in fetched])
+                    self._advance(fetched[-1][1], out, time.perf_counter() - step_started)
+                    row = self._log(out) or row
+                    bar.update(self.state.step, row)
+                    self._check_divergence()
+                    if self._due(t.eval_every) and self.eval_data is not None:
+                        self.evaluate()
+                    if self._due(t.save_every):
+                        self.save_checkpoint()
+                    if self.on_step_end is not None:
+                        self.on_step_end(self)
+                if self.eval_data is not None and self.state.last_eval_step != self.state.step:
+                    self.evaluate()
+            final_dir = self.save_final() if t.save_final else None
+        finally:
+            if self.logger is not None:
+                self.logger.close()
+        result = self._result(time.perf_counter() - started, self.state.tokens_seen - tokens_at_start,
+                              self.state.train_seconds - seconds_at_start, final_dir, row)
+        self._print(result.render())
+        return result
+
+    def _micro_batches(self) -> Iterator[tuple[PreferenceBatch, DataPosition]]:
+        """This rank's micro-batches from the saved data position on (collated + prepared on the CPU)."""
+        t, acc = self.cfg.train, self.accelerator
+        collate = partial(_collate, layout=self.layout, objective=self.objective, keep_mode=self.keep_mode)
+        return iter(MicroBatchStream(self.train_data, collate, t.batch_size, t.seed, acc.process_index,
+                                     acc.num_processes, t.num_workers,
+                                     DataPosition(self.state.epoch, self.state.micro_batch)))
+
+    def _step(self, micro_batches: list[PreferenceBatch]) -> StepOutput:
+        """One optimizer step: forward/backward every micro-batch, clip, update (or skip)."""
+        sums = self._forward_backward(micro_batches)
+        grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(),
+                                                     self.cfg.train.max_grad_norm or math.inf)
+        sums.reduce(self.accelerator)
+        lr = self.scheduler.get_last_lr()[0]
+        self._optimizer_step(sums.total_loss, grad_norm)
+        return StepOutput(sums=sums, grad_norm=grad_norm.detach(), lr=lr)
+
+    def _forward_backward(self, micro_batches: list[PreferenceBatch]) -> MetricSums:
+        """Accumulate the gradient of the whole step's loss, normalized by the step's global counts."""
+        acc = self.accelerator
+        device, world = acc.device, acc.num_processes
+        nll_tokens = [self.objective.nll_tokens(b) for b in micro_batches]  # CPU tensors: no sync
+        counts = torch.tensor([sum(nll_tokens), sum(b.num_pairs for b in micro_batches)], dtype=torch.float32,
+                              device=device)
+        if world > 1:
+            counts = acc.reduce(counts, reduction="sum")
+        nll_den, or_den = counts.clamp(min=1).unbind()
+        sums = MetricSums(device)
+        for i, (batch, n_tok) in enumerate(zip(micro_batches, nll_tokens, strict=True)):
+            last = i == len(micro_batches) - 1
+            with contextlib.nullcontext() if last else acc.no_sync(self.model):
+                out = self.objective(self.model, batch.to(device), nll_normalizer=nll_den, or_normalizer=or_den)
+                # Each rank's loss is already divided by the global counts; DDP then averages the
+                # gradients over ranks, so multiply by the world size to get the global sum back.
+                acc.backward(out.loss * world)
+            sums.add(out, nll_tokens=n_tok, tokens=batch.num_tokens())
+        return sums
+
+    def _optimizer_step(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
+        """Update the weights unless the step's loss or gradient norm is not finite.
+
+        A skipped step zeroes the gradients and leaves weights and AdamW moments as they were;
+        the scheduler still advances, so the learning rate stays a function of the step number
+        (and a resumed run agrees with an uninterrupted one). Under fp16 an infinite gradient
+        norm with a finite loss is the GradScaler's own overflow signal: it skips the update and
+        lowers the scale, and the step counts as skipped but not as bad.
+        This is the loop's one host sync per optimizer step.
+        """
+        loss_ok, norm_ok = torch.stack([torch.isfinite(loss), torch.isfinite(grad_norm)]).tolist()
+        if loss_ok and (norm_ok or self.accelerator.scaler is not None):
+            self.optimizer.step()
+            skipped, bad = bool(getattr(self.optimizer, "step_was_skipped", False)), False
+        else:
+            skipped = bad = True
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.state.skipped_steps += int(skipped)
+        self.state.bad_in_a_row = self.state.bad_in_a_row + 1 if bad else 0
+
+    def _advance(self, position: DataPosition, out: StepOutput, seconds: float) -> None:
+        self.state.step += 1
+        self.state.epoch, self.state.micro_batch = position.epoch, position.micro_batch
+        tokens = out.sums.counts[2]
+        self.state.tokens_seen += tokens
+        self.state.train_seconds += seconds
+        self.throughput.add(tokens, seconds)
+
+    def _due(self, every: int | None) -> bool:
+        return every is not None and self.state.step % every == 0
+
+    def _log(self, out: StepOutput) -> dict[str, Any] | None:
+        """Write the step's metrics (the true step values over all micro-batches and ranks)."""
+        s = self.state
+        if not (self._due(self.cfg.train.log_every) or s.step == self.total_steps or s.bad_in_a_row):
+            return None
+        m = out.sums.finalize(self.objective.beta, normalized=True)
+        row: dict[str, Any] = {"step": s.step, "epoch": round(s.epoch + s.micro_batch / self.micro_batches_per_epoch, 4)}
+        row.update({k: m[k] for k in ("loss", "nll_loss", "or_loss", "log_odds_ratio", "logps_chosen",
+                                      "logps_rejected", "accuracy", "margin")})
+        row.update(lr=out.lr, grad_norm=float(out.grad_norm), tokens_per_s=self.throughput.read(),
+                   skipped_steps=s.skipped_steps)
+        if self.logger is not None:
+            self.logger.log(row)
+        return row
+
+    def _check_divergence(self) -> None:
+        n = self.state.bad_in_a_row
+        if n < self.cfg.train.max_bad_steps:
+            return
+        kept = ckpt.list_checkpoints(self.output_dir)
+        where = f"the last good checkpoint is {kept[-1]}" if kept else "no checkpoint was written (set train.save_every)"
+        raise TrainingDiverged(
+            f"stopped at step {self.state.step}: {n} steps in a row had a non-finite loss or gradient norm "
+            f"(train.max_bad_steps = {self.cfg.train.max_bad_steps}); {where}. Lower train.learning_rate, keep "
+            "train.max_grad_norm set, or train in float32/bf16 instead of fp16."
+        )
+
+    # -- evaluate / save --------------------------------------------------------------------
+
+    def evaluate(self) -> dict[str, float]:
+        """Eval metrics over the whole eval set, logged as ``eval_*`` at the current step."""
+        t = self.cfg.train
+        m = evaluate(self.model, self.eval_data, self.layout, t.eval_batch_size or t.batch_size,
+                     beta=self.objective.beta, nll_on_prompt=self.objective.nll_on_prompt,
+                     accelerator=self.accelerator, keep_mode=self.keep_mode, objective=self.objective)
+        row = {"step": self.state.step, **{f"eval_{k}": v for k, v in m.items()}}
+        best = self.state.best_eval
+        if math.isfinite(row["eval_loss"]) and (best is None or row["eval_loss"] < best["eval_loss"]):
+            self.state.best_eval = {"step": self.state.step, "eval_loss": row["eval_loss"],
+                                    "eval_accuracy": row["eval_accuracy"]}
+        if self.logger is not None:
+            self.logger.log(row)
+        self.state.last_eval_step = self.state.step
+        return row
+
+    def save_checkpoint(self) -> Path:
+        return ckpt.save_checkpoint(self.accelerator, self.output_dir, self.model, self.optimizer, self.scheduler,
+                                    self.state, self.cfg, keep=self.cfg.train.save_total_limit)
+
+    def save_final(self) -> Path:
+        """``OUTPUT_DIR/final``: a standard HF folder (or LoRA adapter) + tokenizer with its chat template."""
+        final = self.output_dir / "final"
+        self.accelerator.wait_for_everyone()
+        if self.is_main:
+            model = self.accelerator.unwrap_model(self.model)
+            template = getattr(self.data, "template", None)
+            if template is not None and getattr(template, "jinja", None):
+                self.tokenizer.chat_template = template.jinja
+            with ckpt.atomic_dir(final) as tmp, ckpt.quiet_saving():
+                if is_peft_model(model) and self.cfg.model.init is not None:
+                    _save_lora_with_fresh_base(model, tmp, final)
+                else:
+                    model.save_pretrained(tmp, safe_serialization=True)
+                self.tokenizer.save_pretrained(tmp)
+        self.accelerator.wait_for_everyone()
+        return final
+
+    def _result(self, elapsed: float, tokens: int, step_seconds: float, final_dir: Path | None,
+                row: dict | None) -> TrainResult:
+        if torch.cuda.is_available():
+            peak, kind = torch.cuda.max_memory_allocated(), "CUDA max allocated"
+        else:
+            import resource  # POSIX only; Linux reports ru_maxrss in KiB
+
+            peak, kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process peak RSS"
+        return TrainResult(steps=self.state.step, skipped_steps=self.state.skipped_steps, time_s=elapsed,
+                           tokens=tokens, tokens_per_s=tokens / max(step_seconds, 1e-9), peak_memory_bytes=peak,
+                           peak_memory_kind=kind, best_eval=self.state.best_eval, final_dir=final_dir,
+                           output_dir=self.output_dir, last_metrics=row or {})
+
+
+def _save_lora_with_fresh_base(model, tmp: Path, final: Path) -> None:
+    """A LoRA adapter on a ``model.init`` base: save that base too (``final/base``), or nothing can load it."""
+    base = copy.deepcopy(model).unload()
+    base.save_pretrained(tmp / "base", safe_serialization=True)
+    peft_cfg = model.peft_config["default"]
+    old = peft_cfg.base_model_name_or_path
+    peft_cfg.base_model_name_or_path = str(tmp / "base")
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+    finally:
+        peft_cfg.base_model_name_or_path = old
+    # point the adapter at where the base will be once the folder is renamed into place
+    adapter_config = tmp / "adapter_config.json"
+    data = json.loads(adapter_config.read_text())
+    data["base_model_name_or_path"] = str((final / "base").resolve())
+    adapter_config.write_text(json.dumps(data, indent=2))
+
+
+def train(cfg: Config, **kwargs: Any) -> TrainResult:
+    """Run ORPO training as configured; see ``Trainer`` for the keyword arguments."""
+    return Trainer(cfg, **kwargs).setup().train()

@@ -1,0 +1,65 @@
+"""Two CPU processes (torchrun, gloo) train exactly like one process with the same global batch."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from orpo.config import load_config
+from orpo.train import Trainer, read_metrics
+
+SCRIPT = """
+import json, sys
+from orpo.config import load_config
+from orpo.train import train
+train(load_config(raw=json.loads(sys.argv[1])), progress=False)
+"""
+
+
+def _raw(out, stories_dir, hh_path, batch_size):
+    tiny = {"arch": "llama", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "intermediate_size": 64}
+    return {
+        "model": {"init": tiny, "tokenizer": str(stories_dir)},
+        "data": {"train": str(hh_path), "max_length": 64, "max_samples": 10, "eval_fraction": 0.2},
+        "train": {"output_dir": str(out), "max_steps": 3, "batch_size": batch_size, "eval_batch_size": 1,
+                  "learning_rate": 1e-3, "save_every": 2},
+    }
+
+
+@pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                    reason="needs torch.distributed with gloo")
+def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, stories_dir, hh_path):
+    script = tmp_path / "run.py"
+    script.write_text(SCRIPT)
+    raw = _raw(tmp_path / "ddp", stories_dir, hh_path, batch_size=2)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+         json.dumps(raw)], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        Trainer(load_config(raw=_raw(tmp_path / "one", stories_dir, hh_path, batch_size=4)), progress=False).setup().train()
+    finally:
+        torch.set_num_threads(n)
+
+    ddp, one = read_metrics(tmp_path / "ddp"), read_metrics(tmp_path / "one")
+    assert [r["step"] for r in ddp] == [r["step"] for r in one] == [0, 1, 2, 3, 3]
+    for a, b in zip(ddp, one, strict=True):
+        for key, value in b.items():
+            if key in ("tokens_per_s", "step"):
+                continue
+            assert a[key] == pytest.approx(value, rel=1e-4, abs=1e-6), (a["step"], key)
+    state = json.loads((tmp_path / "ddp" / "checkpoints" / "step-2" / "trainer_state.json").read_text())
+    assert state["num_processes"] == 2
+    assert {p.name for p in (tmp_path / "ddp" / "checkpoints" / "step-2").glob("rng_state_*.pt")} == {
+        "rng_state_0.pt", "rng_state_1.pt"}
+    assert (tmp_path / "ddp" / "final" / "model.safetensors").is_file()
