@@ -27,8 +27,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return EXIT_USAGE
+    from transformers.utils import logging as hf_logging
+
     from orpo.config import ConfigError
     from orpo.data import DataError
+
+    hf_logging.disable_progress_bar()  # "Loading weights" bars; our own progress is enough
 
     try:
         return int(args.func(args) or 0)
@@ -141,7 +145,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
-    from orpo.data.formats import Pair
+    from orpo.data.formats import Message, Pair
     from orpo.data.templates import render_prompt, resolve_chat_template
     from orpo.data.tokenize import encode_prompt
     from orpo.train.evaluate import load_for_inference
@@ -149,9 +153,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     model, tokenizer = load_for_inference(args.model)
     template = resolve_chat_template(args.chat_template, tokenizer)
-    messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
-        {"role": "user", "content": args.prompt}
-    ]
+    messages: list[Message] = [{"role": "system", "content": args.system}] if args.system else []
+    messages.append({"role": "user", "content": args.prompt})
     text = render_prompt(Pair(prompt=messages, chosen="x", rejected="y"), template, tokenizer)
     # the same BOS rule as training, so the model sees what it was trained on
     input_ids = torch.tensor([encode_prompt(text, tokenizer)], device=model.device)

@@ -454,6 +454,9 @@ class Trainer:
                                     "eval_accuracy": row["eval_accuracy"]}
         if self.logger is not None:
             self.logger.log(row)
+        self._print(f"eval @ step {self.state.step}: accuracy {m['accuracy']:.3f}  log odds ratio "
+                    f"{m['log_odds_ratio']:+.3f}  logps chosen {m['logps_chosen']:.3f} / rejected "
+                    f"{m['logps_rejected']:.3f}  loss {m['loss']:.4f}")
         self.state.last_eval_step = self.state.step
         return row
 
