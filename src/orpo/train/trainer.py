@@ -228,7 +228,7 @@ class Trainer:
 
     def _print(self, text: str) -> None:
         if self.is_main:
-            self.console.print(text, highlight=False)
+            self.console.print(text, highlight=False, soft_wrap=True)
 
     def _setup_tokenizer(self) -> None:
         self.tokenizer = load_tokenizer(self.cfg.model)
@@ -454,9 +454,9 @@ class Trainer:
                                     "eval_accuracy": row["eval_accuracy"]}
         if self.logger is not None:
             self.logger.log(row)
-        self._print(f"eval @ step {self.state.step}: accuracy {m['accuracy']:.3f}  log odds ratio "
-                    f"{m['log_odds_ratio']:+.3f}  logps chosen {m['logps_chosen']:.3f} / rejected "
-                    f"{m['logps_rejected']:.3f}  loss {m['loss']:.4f}")
+        self._print(f"step {self.state.step:>5}  eval acc {m['accuracy']:.3f}  log odds ratio "
+                    f"{m['log_odds_ratio']:+.2f}  logp chosen {m['logps_chosen']:.2f}  rejected "
+                    f"{m['logps_rejected']:.2f}")
         self.state.last_eval_step = self.state.step
         return row
 
