@@ -21,7 +21,7 @@ demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/orpo train examples/quickstart.yaml train.overwrite=true
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests examples bench
+	$(VENV)/bin/ruff check src tests examples $(wildcard bench)
 	$(VENV)/bin/mypy src/orpo
 
 test: $(STAMP) lint

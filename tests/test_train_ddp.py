@@ -34,6 +34,7 @@ def _raw(out, stories_dir, hh_path, batch_size):
 
 @pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
                     reason="needs torch.distributed with gloo")
+@pytest.mark.usefixtures("one_thread")
 def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, stories_dir, hh_path):
     script = tmp_path / "run.py"
     script.write_text(SCRIPT)
@@ -44,12 +45,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, st
          json.dumps(raw)], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        Trainer(load_config(raw=_raw(tmp_path / "one", stories_dir, hh_path, batch_size=4)), progress=False).setup().train()
-    finally:
-        torch.set_num_threads(n)
+    Trainer(load_config(raw=_raw(tmp_path / "one", stories_dir, hh_path, batch_size=4)), progress=False).setup().train()
 
     ddp, one = read_metrics(tmp_path / "ddp"), read_metrics(tmp_path / "one")
     assert [r["step"] for r in ddp] == [r["step"] for r in one] == [0, 1, 2, 3, 3]

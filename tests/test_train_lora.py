@@ -12,14 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from orpo.config import load_config
 from orpo.train import Trainer, load_for_inference, merge_lora, read_metrics
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: two threads spend more time synchronizing than computing."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _cfg(out, model, hh_path, **train):

@@ -38,14 +38,7 @@ def short_pairs(tmp_path_factory):
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: two threads spend more time synchronizing than computing (15 ms per small
-    matmul instead of 0.02 ms on a busy 2-core machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 def _cfg(tmp_path, stories_dir, data_path, name="run", **train):
     return load_config(raw={
