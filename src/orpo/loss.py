@@ -80,6 +80,14 @@ def sequence_logps(
     return sums, counts
 
 
+def nll_target_mask(
+    segment_ids: torch.Tensor, response_mask: torch.Tensor, num_pairs: int, nll_on_prompt: bool = False
+) -> torch.Tensor:
+    """Targets the NLL averages over: chosen response tokens, plus the chosen prompt's if asked."""
+    mask = (segment_ids >= 0) & (segment_ids < num_pairs)
+    return mask if nll_on_prompt else mask & response_mask
+
+
 @dataclass
 class ORPOOutput:
     """The loss to backpropagate and the metrics a user watches (detached, float32 scalars).
@@ -141,7 +149,6 @@ def orpo_loss(
     batch's own counts.
     """
     segment_ids = segment_ids.long()
-    has_target = segment_ids >= 0
     n_seq = 2 * num_pairs
     sums, counts = sequence_logps(token_logps, segment_ids, response_mask, n_seq)
     # A sequence without response tokens would be 0/0; the data pipeline never produces one, but a
@@ -149,9 +156,7 @@ def orpo_loss(
     logps = sums / counts.clamp(min=1.0)
     logps_chosen, logps_rejected = logps[:num_pairs], logps[num_pairs:]
 
-    nll_mask = has_target & (segment_ids < num_pairs)
-    if not nll_on_prompt:
-        nll_mask = nll_mask & response_mask
+    nll_mask = nll_target_mask(segment_ids, response_mask, num_pairs, nll_on_prompt)
     nll_sum = -_as_float(token_logps)[nll_mask].sum()
     num_nll_tokens = nll_mask.sum()
     nll_den = nll_normalizer if nll_normalizer is not None else num_nll_tokens.clamp(min=1)

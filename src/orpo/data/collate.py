@@ -16,6 +16,8 @@ from typing import Any, Protocol
 
 import torch
 
+from orpo.loss import nll_target_mask
+
 IGNORE_INDEX = -100
 
 
@@ -46,10 +48,7 @@ class PreferenceBatch:
 
     def num_nll_tokens(self, nll_on_prompt: bool = False) -> int:
         """Targets the NLL averages over (chosen response, plus chosen prompt if asked)."""
-        mask = (self.segment_ids >= 0) & (self.segment_ids < self.num_pairs)
-        if not nll_on_prompt:
-            mask = mask & self.response_mask
-        return int(mask.sum())
+        return int(nll_target_mask(self.segment_ids, self.response_mask, self.num_pairs, nll_on_prompt).sum())
 
     def num_tokens(self) -> int:
         """Real (non-pad) input tokens, for throughput."""
