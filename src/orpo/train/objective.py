@@ -7,12 +7,13 @@ the same three methods, not another trainer.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
-from orpo.data.collate import IGNORE_INDEX, PreferenceBatch
-from orpo.loss import ORPOOutput, orpo_loss, token_logps_from_logits
+from orpo.data.collate import PreferenceBatch
+from orpo.loss import ORPOOutput, orpo_loss
+from orpo.train.forward import keep_targets, token_logps
 
 
 @dataclass(frozen=True)
@@ -35,33 +36,13 @@ class ORPOObjective:
         return batch.num_nll_tokens(self.nll_on_prompt)
 
     def prepare(self, batch: PreferenceBatch, keep_mode: str | None = None) -> PreferenceBatch:
-        """Drop the targets the loss never reads, on the CPU before the batch moves.
-
-        Why: prompt positions (most of an HH pair) need no log-prob, and with ``keep_mode`` the model
-        skips the LM head there too (``logits_to_keep``; see ``model.logits_keep_mode``):
-        ``"mask"`` keeps exactly the read positions of each row and flattens them, ``"positions"``
-        keeps the columns where any row reads one. Both are exact: the LM head is per position.
-        """
-        read = self.loss_mask(batch)
-        labels = batch.labels.masked_fill(~read, IGNORE_INDEX)
-        segment_ids = batch.segment_ids.masked_fill(~read, -1)
-        response_mask = batch.response_mask & read
-        inputs = dict(batch.inputs)
-        if keep_mode == "mask":
-            inputs["logits_to_keep"] = read
-            labels, segment_ids, response_mask = labels[read], segment_ids[read], response_mask[read]
-        elif keep_mode == "positions":
-            cols = read.any(dim=0).nonzero().squeeze(1)
-            inputs["logits_to_keep"] = cols
-            labels, segment_ids, response_mask = labels[:, cols], segment_ids[:, cols], response_mask[:, cols]
-        return replace(batch, inputs=inputs, labels=labels, segment_ids=segment_ids, response_mask=response_mask)
+        """Keep only the targets ``loss_mask`` reads (see ``forward.keep_targets``)."""
+        return keep_targets(batch, self.loss_mask(batch), keep_mode)
 
     def __call__(self, model, batch: PreferenceBatch, nll_normalizer=None, or_normalizer=None) -> ORPOOutput:
         """Forward chosen and rejected rows together and compute the loss (see ``orpo_loss``)."""
-        logits = model(**batch.inputs, use_cache=False).logits
-        token_logps = token_logps_from_logits(logits, batch.labels)
-        return orpo_loss(token_logps, batch.segment_ids, batch.response_mask, batch.num_pairs, beta=self.beta,
-                         nll_on_prompt=self.nll_on_prompt, nll_normalizer=nll_normalizer,
+        return orpo_loss(token_logps(model, batch), batch.segment_ids, batch.response_mask, batch.num_pairs,
+                         beta=self.beta, nll_on_prompt=self.nll_on_prompt, nll_normalizer=nll_normalizer,
                          or_normalizer=or_normalizer)
 
 
