@@ -23,7 +23,7 @@ import re
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +57,7 @@ class TrainState:
     train_seconds: float = 0.0  # time inside optimizer steps, for tokens/s
     data_fingerprint: str = ""
     num_processes: int = 1
+    warnings: dict[str, str] = field(default_factory=dict)  # run-health code -> message, each said once
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
