@@ -172,7 +172,7 @@ def apply_lora(model: PreTrainedModel, lora: LoraConfig, revision: str | None = 
         # PEFT takes a layer subset only with a list of names: spell 'all-linear' out as one.
         target = sorted({name.rsplit(".", 1)[-1] for name in expected})
     try:
-        with _peft_compat_warnings_silenced():
+        with peft_deprecations_silenced():
             wrapped = get_peft_model(model, peft_lora_config(lora, target, revision))
     except (ValueError, TypeError) as e:
         raise ConfigError(f"model.lora: PEFT rejects it: {_one_line(e)}") from None
@@ -205,7 +205,7 @@ def peft_lora_config(lora: LoraConfig, target_modules: str | list[str] | None = 
 
 
 @contextmanager
-def _peft_compat_warnings_silenced() -> Iterator[None]:
+def peft_deprecations_silenced() -> Iterator[None]:
     """PEFT 0.21 asks transformers 5 for the deprecated ``is_gradient_checkpointing`` whenever it wraps
     a model, a FutureWarning about PEFT's code, not the user's. Nothing else is silenced."""
     with warnings.catch_warnings():
