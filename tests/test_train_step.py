@@ -76,7 +76,10 @@ def test_accumulation_gives_the_gradient_and_loss_of_one_big_batch(tmp_path, sto
     for key in ("loss", "nll_loss", "or_loss", "log_odds_ratio", "logps_chosen", "logps_rejected", "accuracy",
                 "margin"):
         assert m_small[key] == pytest.approx(m_big[key], rel=1e-5, abs=1e-7), key
-    assert (m_small["pairs"], m_small["nll_tokens"]) == (m_big["pairs"], m_big["nll_tokens"]) == (8, m_big["nll_tokens"])
+    # NLL targets of a pair: its chosen response tokens (every token after the prompt), from the rows themselves
+    response_tokens = sum(len(r["chosen_input_ids"]) - r["chosen_prompt_len"] for r in rows)
+    assert all(r["chosen_prompt_len"] >= 1 for r in rows)
+    assert (m_small["pairs"], m_small["nll_tokens"]) == (m_big["pairs"], m_big["nll_tokens"]) == (8, response_tokens)
     for (name, p), q in zip(big.model.named_parameters(), small.model.parameters(), strict=True):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-7, msg=name)
 

@@ -23,6 +23,9 @@ Every key, its default and its meaning: docs/configuration.md (or `orpo config-d
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # Here, not under __main__: the installed `orpo` command calls main() directly. Without it a
+    # tokenizer used before a fork (DataLoader workers, datasets.map) prints the tokenizers warning.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     parser = _parser()
     args = parser.parse_args(argv)
     if args.command is None:
@@ -189,5 +192,4 @@ def _cmd_config_doc(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     sys.exit(main())

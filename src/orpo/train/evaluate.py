@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from orpo.data.collate import Layout, PaddedLayout
-from orpo.train.model import ensure_pad_token, logits_keep_mode
+from orpo.train.model import ensure_pad_token, logits_keep_mode, peft_deprecations_silenced
 from orpo.train.objective import MetricSums, Objective, ORPOObjective
 
 
@@ -76,8 +76,9 @@ def load_for_inference(name_or_path: str, dtype: str = "auto", device: str | Non
     if (path / "adapter_config.json").is_file():
         from peft import AutoPeftModelForCausalLM
 
-        model = AutoPeftModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype,
-                                                         trust_remote_code=trust_remote_code)
+        with peft_deprecations_silenced():
+            model = AutoPeftModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype,
+                                                             trust_remote_code=trust_remote_code)
     else:
         model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype,
                                                      trust_remote_code=trust_remote_code)

@@ -44,7 +44,7 @@ from orpo.data.collate import Layout, PaddedLayout, PreferenceBatch
 from orpo.train import checkpoint as ckpt
 from orpo.train.evaluate import evaluate
 from orpo.train.logger import MetricsLogger, ProgressBar, Throughput, check_report_to
-from orpo.train.model import is_peft_model, load_model, load_tokenizer, logits_keep_mode
+from orpo.train.model import describe_lora, is_peft_model, load_model, load_tokenizer, logits_keep_mode
 from orpo.train.objective import SHARED_PAIR_METRICS, MetricSums, Objective, build_objective
 from orpo.train.optim import build_optimizer, build_scheduler
 from orpo.train.watch import StepCallback, Watcher
@@ -277,6 +277,8 @@ class Trainer:
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         self._print(f"model: {total:,} parameters, {trainable:,} trainable"
                     f"{' (LoRA)' if is_peft_model(model) else ''}, on {acc.device}")
+        if is_peft_model(model):
+            self._print(describe_lora(model))
         self.model = model
 
     def _setup_scheduler(self) -> None:
