@@ -27,7 +27,7 @@ from orpo.data.collate import (
     layout_for_model,
     shared_prefix_len,
 )
-from orpo.loss import orpo_loss, sequence_logps
+from orpo.loss import sequence_logps
 from orpo.train import Trainer, read_metrics
 from orpo.train.forward import token_logps
 from orpo.train.model import load_model, load_tokenizer
@@ -88,18 +88,19 @@ def models(stories_dir):
 
 
 def _compute(model, layout, rows, keep_mode, nll_on_prompt=False):
-    """Per-sequence log-prob sums and counts, the loss, and every parameter's gradient."""
+    """Per-sequence log-prob sums and counts, the objective's output and every parameter's gradient,
+    through the trainer's path (``prepare`` on the CPU batch, then the objective's forward)."""
     objective = ORPOObjective(beta=0.5, nll_on_prompt=nll_on_prompt)
     model.train()
     model.zero_grad(set_to_none=True)
     batch = objective.prepare(layout(rows), keep_mode)
-    logps = token_logps(model, batch)
-    sums, counts = sequence_logps(logps, batch.segment_ids, batch.response_mask, 2 * len(rows))
-    out = orpo_loss(logps, batch.segment_ids, batch.response_mask, batch.num_pairs, beta=0.5,
-                    nll_on_prompt=nll_on_prompt)
+    out = objective(model, batch)
     out.loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-    return sums.detach(), counts, out, grads, batch
+    with torch.no_grad():
+        sums, counts = sequence_logps(token_logps(model, batch), batch.segment_ids, batch.response_mask,
+                                      2 * len(rows))
+    return sums, counts, out, grads, batch
 
 
 def _assert_same(got, ref):
@@ -112,13 +113,15 @@ def _assert_same(got, ref):
     1e-6 relative for log-probs, 1e-5 for the loss terms, and 1e-5 of the tensor's largest entry
     (+1e-4 relative) for gradients: 10x the round-off seen, while a layout bug (a token seeing another
     sequence, a shifted label) moves log-probs by 1e-2 and more (checked below)."""
-    sums, counts, out, grads, _ = got
-    r_sums, r_counts, r_out, r_grads, _ = ref
-    assert torch.equal(counts, r_counts)
+    sums, counts, out, grads, batch = got
+    r_sums, r_counts, r_out, r_grads, r_batch = ref
+    assert torch.equal(counts, r_counts) and batch.num_tokens() == r_batch.num_tokens()
+    assert [batch.num_nll_tokens(p) for p in (False, True)] == [r_batch.num_nll_tokens(p) for p in (False, True)]
     torch.testing.assert_close(sums, r_sums, rtol=1e-6, atol=1e-5)
-    for key in ("loss", "nll_loss", "or_loss", "logps_chosen", "logps_rejected", "log_odds_ratio"):
-        torch.testing.assert_close(getattr(out, key), getattr(r_out, key), rtol=1e-5, atol=1e-6, msg=key)
-    assert int(out.num_nll_tokens) == int(r_out.num_nll_tokens)
+    torch.testing.assert_close(out.loss, r_out.loss, rtol=1e-5, atol=1e-6)
+    for key, value in {**r_out.term_sums, **r_out.pair_sums}.items():
+        got_value = out.term_sums.get(key, out.pair_sums.get(key))
+        torch.testing.assert_close(got_value, value, rtol=1e-5, atol=1e-5, msg=key)
     for name, g in grads.items():
         r = r_grads[name]
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5 * float(r.abs().max()) + 1e-12, msg=name)
