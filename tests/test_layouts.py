@@ -421,3 +421,39 @@ def test_resume_with_a_token_budget_matches_the_uninterrupted_run(tmp_path, stor
     resumed.train()
     again = [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in read_metrics(tmp_path / "run")]
     assert again == rows
+
+
+@pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                    reason="needs torch.distributed with gloo")
+def test_two_processes_with_a_token_budget_step_together_like_one(tmp_path, stories_dir, hh_path):
+    """Rank r takes budget micro-batches r, r + 2, ...: two processes with grad_accum 1 see the same
+    global steps as one process with grad_accum 2, packed rows and 4D masks included."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    def raw(name, grad_accum):
+        return {"model": {"init": TINY, "tokenizer": str(stories_dir)},
+                "data": {"train": str(hh_path), "max_length": 64, "max_samples": 10, "eval_fraction": 0.2,
+                         "layout": "packed"},
+                "train": {"output_dir": str(tmp_path / name), "max_steps": 2, "max_tokens_per_batch": 300,
+                          "grad_accum": grad_accum, "eval_batch_size": 1, "learning_rate": 1e-3,
+                          "save_final": False}}
+
+    script = tmp_path / "run.py"
+    script.write_text("import json, sys\nfrom orpo.config import load_config\nfrom orpo.train import train\n"
+                      "train(load_config(raw=json.loads(sys.argv[1])), progress=False)\n")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(script), json.dumps(raw("ddp", 1))], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one = Trainer(load_config(raw=raw("one", 2)), progress=False).setup()
+    assert [len(b) for b in one.epoch_order(0)][:4] == [2, 2, 2, 2]  # 128-token pairs, 300-token budget
+    one.train()
+    ddp, ref = read_metrics(tmp_path / "ddp"), read_metrics(tmp_path / "one")
+    assert [r["step"] for r in ddp] == [r["step"] for r in ref]
+    for a, b in zip(ddp, ref, strict=True):
+        for key, value in b.items():
+            if key not in ("tokens_per_s", "step"):
+                assert a[key] == pytest.approx(value, rel=1e-4, abs=1e-6), (a["step"], key)
