@@ -162,6 +162,15 @@ class DataConfig(_Section):
     cache_dir: str | None = Field(
         None, description="Tokenized-data cache; default $ORPO_CACHE or ~/.cache/orpo."
     )
+    layout: Literal["padded", "packed", "shared_prompt", "packed_shared_prompt"] = Field(
+        "padded",
+        description="How pairs become a forward batch (same loss, log-probs and gradients in every one): "
+        "padded = 2B right-padded rows (every model and attention backend); packed = the 2B sequences "
+        "packed into rows of max_length tokens, no padding (sdpa, eager, flex_attention, "
+        "flash_attention_2); shared_prompt = one row [prompt][chosen][rejected] per pair, the prompt "
+        "computed once (sdpa, eager, flex_attention); packed_shared_prompt = those rows packed. "
+        "See docs/ARCHITECTURE.md, 'Batch layouts'.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> DataConfig:
@@ -201,6 +210,13 @@ class TrainConfig(_Section):
     max_steps: int | None = Field(None, gt=0, description="Optimizer steps; overrides epochs.")
     epochs: float | None = Field(None, gt=0, description="Passes over train when max_steps is unset (default 1).")
     batch_size: int = Field(8, gt=0, description="Pairs per micro-batch (per device).")
+    max_tokens_per_batch: int | None = Field(
+        None,
+        gt=1,
+        description="Form training micro-batches by tokens instead: pairs in data order until their "
+        "chosen + rejected tokens would pass this budget (a longer pair goes alone); replaces batch_size "
+        "for training (eval keeps eval_batch_size). Pairs with data.layout packed*.",
+    )
     eval_batch_size: int | None = Field(None, gt=0, description="Pairs per eval batch; default batch_size.")
     grad_accum: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
     learning_rate: float = Field(8e-6, gt=0, description="Peak learning rate.")
@@ -252,6 +268,11 @@ class Config(_Section):
         has_eval = self.data.eval is not None or self.data.eval_fraction > 0
         if self.train.eval_every is not None and not has_eval:
             raise ValueError("train.eval_every needs eval data: set data.eval or data.eval_fraction")
+        flash = "flash" in (self.model.attn_implementation or "")
+        if flash and self.data.layout in ("shared_prompt", "packed_shared_prompt"):
+            raise ValueError(f"data.layout {self.data.layout} needs an attention mask, which "
+                             f"{self.model.attn_implementation} does not take: use data.layout packed, or "
+                             "model.attn_implementation sdpa | eager | flex_attention")
         return self
 
 
