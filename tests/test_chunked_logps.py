@@ -41,6 +41,7 @@ MODELS = {
     "cohere-logit-scale": {"init": {"arch": "cohere", **TINY, "logit_scale": 0.25}},
     "granite-logits-scaling": {"init": {"arch": "granite", **TINY, "logits_scaling": 3.0}},
     "stories-lora-modules-to-save": {"lora": {"r": 4, "alpha": 8, "dropout": 0.0, "modules_to_save": ["lm_head"]}},
+    "stories-lora-frozen-head": {"lora": {"r": 4, "alpha": 8, "dropout": 0.0}},  # ∂/∂h in the forward
 }
 
 
@@ -143,25 +144,27 @@ def test_chunked_equals_full_without_mask_keep(keep_mode, stories_dir):
 
 
 @pytest.mark.parametrize("transform", [LogitTransform(), LogitTransform(scale=0.5, softcap=2.0)])
-@pytest.mark.parametrize("bias", [False, True])
-def test_chunked_function_matches_autograd_in_float64(transform, bias):
-    """The autograd function alone, against log_softmax + autograd in float64 (odd shapes, a bias)."""
+@pytest.mark.parametrize(("bias", "frozen_head"), [(False, False), (True, False), (False, True)])
+def test_chunked_function_matches_autograd_in_float64(transform, bias, frozen_head):
+    """The autograd function alone, against log_softmax + autograd in float64 (odd shapes, a bias,
+    a frozen head whose hidden-state gradient is computed in the forward)."""
     g = torch.Generator().manual_seed(0)
     m, h, v = 23, 9, 37
     hidden = torch.randn(m, h, generator=g, dtype=torch.float64, requires_grad=True)
-    weight = torch.randn(v, h, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(v, h, generator=g, dtype=torch.float64, requires_grad=not frozen_head)
     b = torch.randn(v, generator=g, dtype=torch.float64, requires_grad=True) if bias else None
     targets = torch.randint(0, v, (m,), generator=g)
     upstream = torch.randn(m, generator=g, dtype=torch.float64)
 
     ours = chunked_token_logps(hidden, weight, b, targets, transform, chunk_size=5)
-    grads = torch.autograd.grad((ours * upstream).sum(), [t for t in (hidden, weight, b) if t is not None])
+    wanted = [t for t in (hidden, weight, b) if t is not None and t.requires_grad]
+    grads = torch.autograd.grad((ours * upstream).sum(), wanted)
 
     z = torch.nn.functional.linear(hidden, weight, b) * transform.scale
     if transform.softcap is not None:
         z = transform.softcap * torch.tanh(z / transform.softcap)
     ref = torch.log_softmax(z, -1).gather(1, targets[:, None]).squeeze(1)
-    ref_grads = torch.autograd.grad((ref * upstream).sum(), [t for t in (hidden, weight, b) if t is not None])
+    ref_grads = torch.autograd.grad((ref * upstream).sum(), wanted)
     torch.testing.assert_close(ours.double(), ref, rtol=1e-6, atol=1e-6)  # ours: float32 out
     for a, r in zip(grads, ref_grads, strict=True):
         torch.testing.assert_close(a, r, rtol=1e-6, atol=1e-6)

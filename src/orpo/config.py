@@ -257,7 +257,7 @@ class TrainConfig(_Section):
         "with a one-line note.",
     )
     logps_chunk_size: int | None = Field(
-        None, gt=0, description="Rows per chunk for chunked log-probs; default: ~64 MiB of float32 logits."
+        None, gt=0, description="Rows per chunk for chunked log-probs; default: ~64 MiB of float32 logits (512 MiB on a GPU)."
     )
     save_final: bool = Field(True, description="Write output_dir/final/ at the end.")
 

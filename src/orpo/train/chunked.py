@@ -62,7 +62,10 @@ def chunked_token_logps(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.
         raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
     device_type = hidden.device.type
     dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight.dtype
-    return _ChunkedTokenLogps.apply(hidden, weight, bias, targets, transform, chunk_size, dtype)
+    # Only the hidden states need a gradient (a frozen head; never under no_grad, as in evaluation)
+    h_only = torch.is_grad_enabled() and hidden.requires_grad and not weight.requires_grad and not (
+        bias is not None and bias.requires_grad)
+    return _ChunkedTokenLogps.apply(hidden, weight, bias, targets, transform, chunk_size, dtype, h_only)
 
 
 def _logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, transform: LogitTransform,
@@ -72,26 +75,54 @@ def _logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tr
     return transform.apply(z.float())
 
 
+def _grad_logits(z: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor, g: torch.Tensor | float,
+                 transform: LogitTransform) -> torch.Tensor:
+    """``g · ∂ log P(y)/∂(hWᵀ+b)`` for one chunk, overwriting its logits ``z``.
+
+    ∂/∂z of ``z_y − lse`` is ``onehot(y) − softmax(z)``; the softmax reuses the forward's ``lse``.
+    """
+    factor = transform.grad_factor(z)
+    gcol = g[:, None] if isinstance(g, torch.Tensor) else torch.full_like(lse[:, None], g)
+    dz = z.sub_(lse[:, None]).exp_().mul_(-gcol)
+    dz.scatter_add_(1, targets[:, None], gcol)
+    return dz.mul_(factor) if isinstance(factor, torch.Tensor) or factor != 1.0 else dz
+
+
 class _ChunkedTokenLogps(torch.autograd.Function):
+    """Forward: log-probs and each row's logsumexp. Backward: recompute each chunk's logits.
+
+    When the head's weight and bias need no gradient (LoRA without ``modules_to_save``), the
+    gradient of the hidden states is computed in the forward instead, while the chunk's logits
+    are there (``∂ log P/∂h``, one ``[chunk, H]`` matmul), and the backward only scales it by
+    the incoming gradient: 2 head matmuls, as many as the plain path, instead of 3.
+    """
+
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, transform, chunk_size, dtype):
+    def forward(ctx, hidden, weight, bias, targets, transform, chunk_size, dtype, h_only):
         m = hidden.shape[0]
         logps = torch.empty(m, dtype=torch.float32, device=hidden.device)
         lse = torch.empty(m, dtype=torch.float32, device=hidden.device)
+        dlogp_dh = torch.empty_like(hidden) if h_only else None
+        w = weight.to(dtype) if dlogp_dh is not None else None
         with torch.autocast(hidden.device.type, enabled=False):
             for s in range(0, m, chunk_size):
-                z = _logits(hidden[s : s + chunk_size], weight, bias, transform, dtype)
-                torch.logsumexp(z, dim=-1, out=lse[s : s + chunk_size])
-                picked = z.gather(1, targets[s : s + chunk_size, None]).squeeze(1)
-                torch.sub(picked, lse[s : s + chunk_size], out=logps[s : s + chunk_size])
+                rows = slice(s, s + chunk_size)
+                z = _logits(hidden[rows], weight, bias, transform, dtype)
+                torch.logsumexp(z, dim=-1, out=lse[rows])
+                picked = z.gather(1, targets[rows, None]).squeeze(1)
+                torch.sub(picked, lse[rows], out=logps[rows])
+                if dlogp_dh is not None:
+                    dlogp_dh[rows] = _grad_logits(z, lse[rows], targets[rows], 1.0, transform).to(dtype) @ w
                 del z
-        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+        ctx.save_for_backward(hidden, weight, bias, targets, lse, dlogp_dh)
         ctx.transform, ctx.chunk_size, ctx.dtype = transform, chunk_size, dtype
         return logps
 
     @staticmethod
     def backward(ctx, grad_logps):
-        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        hidden, weight, bias, targets, lse, dlogp_dh = ctx.saved_tensors
+        if dlogp_dh is not None:
+            return (dlogp_dh * grad_logps[:, None].to(dlogp_dh.dtype), None, None, None, None, None, None, None)
         transform, chunk, dtype = ctx.transform, ctx.chunk_size, ctx.dtype
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         grad_h = torch.empty_like(hidden) if need_h else None
@@ -101,19 +132,13 @@ class _ChunkedTokenLogps(torch.autograd.Function):
         w = weight.to(dtype)
         with torch.autocast(hidden.device.type, enabled=False):
             for s in range(0, hidden.shape[0], chunk):
-                h = hidden[s : s + chunk].to(dtype)
-                g = grad_logps[s : s + chunk].float()
+                rows = slice(s, s + chunk)
+                h = hidden[rows].to(dtype)
                 z = _logits(h, weight, bias, transform, dtype)
-                factor = transform.grad_factor(z)
-                # ∂/∂z of g·(z_y − lse) = g·(onehot(y) − softmax(z)), in place in z (the forward's lse)
-                dz = z.sub_(lse[s : s + chunk, None]).exp_().mul_(-g[:, None])
-                dz.scatter_add_(1, targets[s : s + chunk, None], g[:, None])
-                if isinstance(factor, torch.Tensor) or factor != 1.0:
-                    dz.mul_(factor)
-                dz = dz.to(dtype)
-                del z, factor
+                dz = _grad_logits(z, lse[rows], targets[rows], grad_logps[rows].float(), transform).to(dtype)
+                del z
                 if grad_h is not None:
-                    grad_h[s : s + chunk] = dz @ w
+                    grad_h[rows] = dz @ w
                 if grad_w is not None:
                     if dtype == torch.float32:
                         grad_w.addmm_(dz.t(), h)
@@ -122,4 +147,4 @@ class _ChunkedTokenLogps(torch.autograd.Function):
                 if grad_b is not None:
                     grad_b += dz.sum(0, dtype=torch.float32)
         return (grad_h, None if grad_w is None else grad_w.to(weight.dtype),
-                None if grad_b is None else grad_b.to(bias.dtype), None, None, None, None)
+                None if grad_b is None else grad_b.to(bias.dtype), None, None, None, None, None)

@@ -96,13 +96,15 @@ class LogpsPlan:
         return self.note or "log-probs: from the model's full logits (train.logps: full)"
 
 
-def default_chunk_size(vocab_size: int) -> int:
-    """Rows per chunk: a float32 ``[rows, vocab]`` chunk of about 64 MiB, a multiple of 64, at least 64.
+def default_chunk_size(vocab_size: int, device: torch.device | str = "cpu") -> int:
+    """Rows per chunk: float32 ``[rows, vocab]`` logits of ~64 MiB on a CPU, ~512 MiB on a GPU.
 
-    Big enough that the chunk's matmuls run at full speed, small next to the model and its
-    optimizer state (bench/README.md has the sweep).
+    A multiple of 64, at least 64: big enough that the chunk's matmuls run at full speed (a GPU
+    wants more rows per launch), small next to the model and its optimizer state. bench/loss.py
+    sweeps it.
     """
-    return max(64, (2**24 // max(vocab_size, 1)) // 64 * 64)
+    budget = 2**27 if torch.device(device).type == "cuda" else 2**24
+    return max(64, (budget // max(vocab_size, 1)) // 64 * 64)
 
 
 def configure_logps(model, mode: str = "auto", chunk_size: int | None = None) -> LogpsPlan:
@@ -123,8 +125,9 @@ def configure_logps(model, mode: str = "auto", chunk_size: int | None = None) ->
     if mode != "full":
         transform, reason = _check_chunked(model)
         if reason is None:
-            vocab = _head_linears(_inner(model))[0].out_features
-            plan = LogpsPlan(chunked=True, chunk_size=chunk_size or default_chunk_size(vocab), transform=transform)
+            head = _head_linears(_inner(model))[0]
+            chunk_size = chunk_size or default_chunk_size(head.out_features, head.weight.device)
+            plan = LogpsPlan(chunked=True, chunk_size=chunk_size, transform=transform)
         elif mode == "chunked":
             raise ConfigError(f"train.logps: chunked is not possible for this model: {reason}")
         else:
