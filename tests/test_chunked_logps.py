@@ -65,9 +65,14 @@ def _rows(n: int = 4, seed: int = 0) -> list[dict]:
     return rows
 
 
-def _run(model, mode: str, batch, objective):
-    """Loss, per-pair log-probs and every parameter's gradient through ``objective`` with ``mode``."""
+def _run(model, mode: str, batch, objective, autocast_forward: bool = False):
+    """Loss, per-pair log-probs and every parameter's gradient through ``objective`` with ``mode``.
+
+    ``autocast_forward``: bf16 autocast inside ``model.forward`` only, as Accelerate's mixed precision.
+    """
     model = copy.deepcopy(model)
+    if autocast_forward:
+        model.forward = torch.autocast("cpu", dtype=torch.bfloat16)(model.forward)
     configure_logps(model, mode, CHUNK)
     assert logps_plan(model).chunked == (mode == "chunked")
     out = objective(model, batch)
@@ -111,17 +116,24 @@ def test_chunked_equals_full_logits(name, stories_dir):
 
 @pytest.mark.parametrize(("name", "how"), [("qwen2-tied", "autocast"), ("gemma2-softcap", "bf16-weights")])
 def test_chunked_in_bfloat16(name, how, stories_dir):
-    """bf16 weights, or float32 weights under bf16 autocast: the chunk's matmuls run in bf16 like the
-    plain head's, gradients come back in each parameter's dtype. Tolerance: bf16 keeps 8 bits, and the
-    two paths round at different points (measured: ≤ 1.4e-2 of the largest gradient, 4 bf16 ulps)."""
+    """bf16 weights, or float32 weights with a bf16-autocast forward (what Accelerate's
+    mixed_precision does: autocast inside ``model.forward`` only, so the chunked head, which runs
+    after it, must compute in bf16 too). Gradients come back in each parameter's dtype. Tolerance:
+    bf16 keeps 8 bits, and the two paths round at different points (measured: ≤ 1.4e-2 of the
+    largest gradient, 4 bf16 ulps)."""
+    from orpo.train.forward import HeadCapture, _head_linears
+
     model = _model(stories_dir, MODELS[name])
-    if how == "bf16-weights":
+    autocast = how == "autocast"
+    if not autocast:
         model = model.to(torch.bfloat16)
     objective = ORPOObjective(beta=0.2)
     batch = objective.prepare(PaddedLayout(0)(_rows()), logits_keep_mode(model))
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=how == "autocast"):
-        full, full_pairs, full_grads = _run(model, "full", batch, objective)
-        chunked, chunked_pairs, chunked_grads = _run(model, "chunked", batch, objective)
+    with HeadCapture(_head_linears(model), skip_head=True) as cap, torch.autocast("cpu", enabled=autocast):
+        model(**batch.inputs)
+    assert cap.single()[2] == torch.bfloat16  # the dtype the chunked head computes in
+    full, full_pairs, full_grads = _run(model, "full", batch, objective, autocast)
+    chunked, chunked_pairs, chunked_grads = _run(model, "chunked", batch, objective, autocast)
     torch.testing.assert_close(chunked.loss.detach(), full.loss.detach(), rtol=1e-3, atol=0)
     torch.testing.assert_close(chunked_pairs, full_pairs, rtol=1e-3, atol=0)
     for key, g in full_grads.items():

@@ -50,22 +50,27 @@ class LogitTransform:
 
 def chunked_token_logps(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                         targets: torch.Tensor, transform: LogitTransform = LogitTransform(),
-                        chunk_size: int = 1024) -> torch.Tensor:
+                        chunk_size: int = 1024, dtype: torch.dtype | None = None) -> torch.Tensor:
     """float32 ``log P(targets[i])`` for each row ``hidden[i]`` (``[M, H]`` → ``[M]``), chunked.
 
     ``weight``/``bias`` are the LM head's (``[V, H]``, ``[V]``); a tied head passes the embedding
-    matrix, whose gradient then accumulates from both uses as usual. Matmuls run in the dtype the
-    plain head would use (the autocast dtype when autocast is on, else the weight's); the softmax
-    and everything after it in float32.
+    matrix, whose gradient then accumulates from both uses as usual. Matmuls run in ``dtype``: pass
+    the one the plain head would use (default: the autocast dtype when autocast is on here, else
+    the weight's); the softmax and everything after it run in float32.
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
-    device_type = hidden.device.type
-    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight.dtype
+    if dtype is None:
+        dtype = compute_dtype(hidden.device.type, weight.dtype)
     # Only the hidden states need a gradient (a frozen head; never under no_grad, as in evaluation)
     h_only = torch.is_grad_enabled() and hidden.requires_grad and not weight.requires_grad and not (
         bias is not None and bias.requires_grad)
     return _ChunkedTokenLogps.apply(hidden, weight, bias, targets, transform, chunk_size, dtype, h_only)
+
+
+def compute_dtype(device_type: str, weight_dtype: torch.dtype) -> torch.dtype:
+    """The dtype a linear layer computes in right now: autocast's if it is on, else its weight's."""
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight_dtype
 
 
 def _logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, transform: LogitTransform,

@@ -26,7 +26,7 @@ from torch import nn
 
 from orpo.data.collate import IGNORE_INDEX, PreferenceBatch
 from orpo.loss import token_logps_from_logits
-from orpo.train.chunked import LogitTransform, chunked_token_logps
+from orpo.train.chunked import LogitTransform, chunked_token_logps, compute_dtype
 
 LOGPS_MODES = ("auto", "chunked", "full")
 _PLAN_ATTR = "_orpo_logps_plan"
@@ -65,14 +65,14 @@ def token_logps(model, batch: PreferenceBatch) -> torch.Tensor:
         return token_logps_from_logits(logits, batch.labels)
     with HeadCapture(_head_linears(_inner(model)), skip_head=True) as cap:
         model(**batch.inputs, use_cache=False)
-    head, hidden = cap.single()
+    head, hidden, dtype = cap.single()
     flat = batch.labels.reshape(-1)
     rows = hidden.reshape(-1, hidden.shape[-1])
     if rows.shape[0] != flat.numel():
         raise RuntimeError(f"the LM head saw {rows.shape[0]} positions but the batch has {flat.numel()} targets")
     keep = (flat != IGNORE_INDEX).nonzero(as_tuple=True)[0]
     picked = chunked_token_logps(rows.index_select(0, keep), head.weight, head.bias, flat.index_select(0, keep),
-                                 plan.transform, plan.chunk_size)
+                                 plan.transform, plan.chunk_size, dtype)
     out = torch.zeros(flat.shape, dtype=torch.float32, device=rows.device)
     return out.index_put((keep,), picked).view(batch.labels.shape)
 
@@ -167,7 +167,7 @@ def _check_chunked(model) -> tuple[LogitTransform, str | None]:
         with torch.no_grad():
             with HeadCapture(linears, skip_head=False) as cap:
                 logits = model(input_ids=ids[None], use_cache=False).logits
-            head, hidden = cap.single()
+            head, hidden, _ = cap.single()
             ours = transform.apply(nn.functional.linear(hidden, head.weight, head.bias).float())
             theirs = logits.float().reshape(ours.shape)
             tol = 1e-5 if logits.dtype == torch.float32 else 2e-2
@@ -189,20 +189,23 @@ def _check_chunked(model) -> tuple[LogitTransform, str | None]:
 
 
 class HeadCapture:
-    """Forward pre-hooks on the LM head's linear layer(s): record ``(layer, input)`` of the call.
+    """Forward pre-hooks on the LM head's linear layer(s): record ``(layer, input, compute dtype)``.
 
     ``skip_head``: hand the layer an empty input (no rows), so the model's own logits are an empty
-    tensor and cost nothing; the recorded input keeps its autograd graph back to the decoder.
+    tensor and cost nothing; the recorded input keeps its autograd graph back to the decoder. The
+    dtype is the one the layer would have computed in (autocast is on inside a mixed-precision
+    model's forward only, so the chunked head must be told).
     """
 
     def __init__(self, linears: tuple[nn.Linear, ...], skip_head: bool):
         self.linears, self.skip_head = linears, skip_head
-        self.calls: list[tuple[nn.Linear, torch.Tensor]] = []
+        self.calls: list[tuple[nn.Linear, torch.Tensor, torch.dtype]] = []
         self._handles: list[Any] = []
 
     def _hook(self, module: nn.Linear, args: tuple) -> tuple | None:
-        self.calls.append((module, args[0]))
-        return (args[0].narrow(-2, 0, 0), *args[1:]) if self.skip_head else None
+        x = args[0]
+        self.calls.append((module, x, compute_dtype(x.device.type, module.weight.dtype)))
+        return (x.narrow(-2, 0, 0), *args[1:]) if self.skip_head else None
 
     def __enter__(self) -> HeadCapture:
         self._handles = [m.register_forward_pre_hook(self._hook) for m in self.linears]
@@ -212,7 +215,7 @@ class HeadCapture:
         for h in self._handles:
             h.remove()
 
-    def single(self) -> tuple[nn.Linear, torch.Tensor]:
+    def single(self) -> tuple[nn.Linear, torch.Tensor, torch.dtype]:
         if len(self.calls) != 1:
             raise RuntimeError(f"the LM head ran {len(self.calls)} times in one forward, not once")
         return self.calls[0]
