@@ -20,6 +20,7 @@ import argparse
 import json
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -111,6 +112,13 @@ def measure(args, fn, hidden, weight) -> dict:
     return out
 
 
+def attempt(args, fn, hidden, weight) -> dict:
+    try:
+        return measure(args, fn, hidden, weight)
+    except (RuntimeError, torch.OutOfMemoryError) as e:  # e.g. torch-full out of memory, a compile error
+        return {"error": str(e).splitlines()[0] if str(e) else type(e).__name__}
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     hidden, weight, targets = inputs(args)
@@ -127,10 +135,13 @@ def main(argv=None) -> int:
         print(f"liger-kernel not importable ({e}): Liger is not measured")
     results = {}
     for name, fn in runs.items():
-        try:
-            results[name] = measure(args, fn, hidden, weight)
-        except (RuntimeError, torch.OutOfMemoryError) as e:  # e.g. torch-full running out of memory
-            results[name] = {"error": str(e).splitlines()[0]}
+        results[name] = attempt(args, fn, hidden, weight)
+        if name == "liger" and "error" in results[name] and args.device == "cuda":
+            # torch.compile failed on this machine: Liger's eager path is still its algorithm
+            eager = partial(liger_side, args, hidden, weight, targets,
+                            LigerFusedLinearORPOLoss(ignore_index=-100, beta=0.1, compiled=False))
+            name = "liger-eager"
+            results[name] = attempt(args, eager, hidden, weight)
         r = results[name]
         print(f"{name:<28}" + (f"{r['ms']:>9.1f} ms  {r.get('peak_mem_mb', float('nan')):>9,.0f} MiB  loss {r['loss']:.6f}"
                                if "ms" in r else f"  {r['error']}"), flush=True)

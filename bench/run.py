@@ -227,8 +227,8 @@ def orpo_config(args: argparse.Namespace, setting: str, system: str, overrides: 
     raw = {
         "model": {"init": model_init(setting), "tokenizer": str(tokenizer_dir(args)), "dtype": args.dtype,
                   "chat_template": "none"},
-        # Tokenized untruncated (a limit no pair reaches); FitData then keeps the pairs that fit max_length.
-        "data": {"train": str(args.data), "max_length": 1 << 20, "cache_dir": str(args.out / "data-cache")},
+        # max_length: the packed layouts' row length; FitData tokenizes untruncated and keeps the pairs that fit
+        "data": {"train": str(args.data), "max_length": args.max_length, "cache_dir": str(args.out / "data-cache")},
         "orpo": {"beta": 0.1, "nll_on_prompt": True},
         "train": {"output_dir": str(args.out / setting / system), "overwrite": True,
                   "max_steps": args.warmup + args.steps, "batch_size": args.batch_size, "learning_rate": 8e-6,
@@ -249,7 +249,8 @@ class FitData:
 
         from orpo.data.pipeline import prepare_data
 
-        data = prepare_data(cfg.data, tokenizer, chat_template="none", seed=cfg.train.seed)
+        untruncated = cfg.data.model_copy(update={"max_length": 1 << 20})  # a limit no pair reaches
+        data = prepare_data(untruncated, tokenizer, chat_template="none", seed=cfg.train.seed)
         longest = pc.max_element_wise(*(pc.list_value_length(data.train.data.column(f"{s}_input_ids"))
                                         for s in ("chosen", "rejected")))
         self.keep = [i for i, n in enumerate(longest.to_pylist()) if n <= args.max_length]
