@@ -248,6 +248,17 @@ class TrainConfig(_Section):
         default_factory=list, description="Extra loggers: tensorboard, wandb."
     )
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
+    logps: Literal["auto", "chunked", "full"] = Field(
+        "auto",
+        description="How token log-probs are computed. chunked: from the final hidden states and the LM head's "
+        "weights a chunk of rows at a time, never a [tokens, vocab] logits tensor (exact; logits recomputed in "
+        "backward). full: the model's own logits. auto: chunked where the model allows it (a plain linear LM "
+        "head, also tied or in lora.modules_to_save; Gemma-2 soft-capping, Cohere/Granite scaling), else full "
+        "with a one-line note.",
+    )
+    logps_chunk_size: int | None = Field(
+        None, gt=0, description="Rows per chunk for chunked log-probs; default: ~64 MiB of float32 logits (512 MiB on a GPU)."
+    )
     save_final: bool = Field(True, description="Write output_dir/final/ at the end.")
 
     @model_validator(mode="after")

@@ -43,6 +43,7 @@ from orpo.config import Config, ConfigError
 from orpo.data.collate import Layout, PreferenceBatch, layout_for_model
 from orpo.train import checkpoint as ckpt
 from orpo.train.evaluate import evaluate
+from orpo.train.forward import configure_logps
 from orpo.train.logger import MetricsLogger, ProgressBar, Throughput, check_report_to
 from orpo.train.model import describe_lora, is_peft_model, load_model, load_tokenizer, logits_keep_mode
 from orpo.train.objective import SHARED_PAIR_METRICS, MetricSums, Objective, build_objective
@@ -318,6 +319,9 @@ class Trainer:
             model.to(acc.device)  # before the optimizer, which picks the fused kernel by device
         model.train()
         self.keep_mode = logits_keep_mode(model)
+        logps = configure_logps(model, self.cfg.train.logps, self.cfg.train.logps_chunk_size)
+        if logps.note:
+            self._print(logps.note)
         # Built here, not with the data: a padding-free layout hands attention to the model in the
         # form its backend reads (4D mask, BlockMask or varlen), known once the model is loaded.
         self.layout = self._given_layout or layout_for_model(self.cfg.data.layout, model, self.tokenizer.pad_token_id,
