@@ -36,13 +36,23 @@ from orpo.config import load_config
 from orpo.train import Trainer
 
 for raw in json.loads(sys.argv[1]):
-    fail = raw.pop("fail", None)
+    fail, facts = raw.pop("fail", None), raw.pop("facts", None)
 
     def hook(trainer, fail=fail):
         if fail and trainer.state.step == fail["step"] and trainer.accelerator.process_index == fail["rank"]:
             raise RuntimeError(f"injected failure on rank {fail['rank']} after step {fail['step']}")
 
-    Trainer(load_config(raw=raw), progress=False, on_step_end=hook).setup().train()
+    trainer = Trainer(load_config(raw=raw), progress=False, on_step_end=hook).setup()
+    if facts and trainer.accelerator.is_main_process:  # what the built model is, read back from it
+        from torch.distributed.fsdp import FSDPModule
+        model = trainer.model
+        group = model._get_fsdp_state()._fsdp_param_group
+        with open(facts, "w") as f:
+            json.dump({"units": [type(m).__name__ for m in model.modules() if isinstance(m, FSDPModule)],
+                       "offload": type(group.offload_policy).__name__,
+                       "param": type(next(model.parameters())).__name__,
+                       "checkpointing": model.is_gradient_checkpointing}, f)
+    trainer.train()
 """
 
 TINY = {"arch": "llama", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
@@ -135,6 +145,9 @@ def runs(tmp_path_factory, stories_dir, hh_path):
         _raw(root / "fsdp2-lora", stories, hh_path, batch_size=2, lora=True, distributed="fsdp2"),
         _raw(root / "2to2", tiny, hh_path, batch_size=2, distributed="fsdp2", resume="auto"),
         _raw(root / "1to2", tiny, hh_path, batch_size=2, distributed="fsdp2", resume="auto"),
+        {**_raw(root / "offload", {**tiny, "gradient_checkpointing": True}, hh_path, batch_size=2,
+                distributed="fsdp2", cpu_offload=True, max_steps=1, save_every=None),
+         "facts": str(root / "offload.json")},
     ])
     return root, proc
 
@@ -171,3 +184,13 @@ def test_sharded_checkpoints_resume_on_another_process_count(runs, name):
     batch size scaled to keep the global batch: the losses continue those of the one run."""
     root, _ = runs
     _assert_same_run(root / name, root / "one")
+
+
+def test_fsdp2_wraps_each_decoder_layer_with_the_configured_offload_and_checkpointing(runs):
+    root, _ = runs
+    facts = json.loads((root / "offload.json").read_text())
+    assert sum("LlamaDecoderLayer" in u for u in facts["units"]) == 2 and "LlamaForCausalLM" in facts["units"][0]
+    assert facts["offload"] == "CPUOffloadPolicy"  # train.cpu_offload
+    assert facts["checkpointing"] is True  # model.gradient_checkpointing
+    assert facts["param"] == "DTensor"
+    assert (root / "offload" / "final" / "model.safetensors").is_file()

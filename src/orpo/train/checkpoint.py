@@ -469,7 +469,8 @@ def resolve_resume(cfg: Config, verify: Callable[[Path], CheckpointStatus] = ins
         path = Path(t.resume)
         status = verify(path)
         if not status.complete:
-            raise ResumeError(f"train.resume: {path} is {status.state}: {status.problem}. Finished checkpoints "
+            raise ResumeError(f"train.resume: {path} is not a complete checkpoint ({status.state}: {status.problem}). "
+                              f"Finished checkpoints "
                               f"in {checkpoint_root(out)}: {[p.name for p in list_checkpoints(out)] or 'none'}")
         return path
     previous = [p for p in (checkpoint_root(out), out / "final", out / "metrics.jsonl") if p.exists()]

@@ -80,7 +80,16 @@ def offload_from_launcher(env: dict[str, str] | os._Environ = os.environ) -> boo
 # Accelerate plugins
 
 
-def fsdp2_plugin(cpu_offload: bool):
+def rank0_loads_weights(env: dict[str, str] | os._Environ = os.environ) -> bool:
+    """True when transformers loads pretrained weights on local rank 0 only (the others get empty
+    "meta" tensors): what ``accelerate launch`` with an FSDP config asks for by default. The FSDP
+    plugin must then broadcast rank 0's weights (``cpu_ram_efficient_loading``), or the other
+    ranks would train on empty weights."""
+    return (env.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+            and env.get("FSDP_CPU_RAM_EFFICIENT_LOADING", "false").lower() == "true")
+
+
+def fsdp2_plugin(cpu_offload: bool, rank0_loads: bool = False):
     """Accelerate's FSDP plugin for FSDP2: per-decoder-layer wrapping, resharded after forward.
 
     Activation checkpointing stays with transformers (``model.gradient_checkpointing``) so it is
@@ -91,7 +100,7 @@ def fsdp2_plugin(cpu_offload: bool):
 
     return FullyShardedDataParallelPlugin(
         fsdp_version=2, auto_wrap_policy="transformer_based_wrap", reshard_after_forward=True,
-        cpu_offload=cpu_offload, activation_checkpointing=False, cpu_ram_efficient_loading=False,
+        cpu_offload=cpu_offload, activation_checkpointing=False, cpu_ram_efficient_loading=rank0_loads,
         state_dict_type="SHARDED_STATE_DICT",
     )
 
@@ -143,11 +152,13 @@ class Engine:
 
     def describe(self) -> str:
         n = self.accelerator.num_processes
-        how = {"single": "one process", "ddp": "DDP", "fsdp2": "FSDP2 (weights, gradients, AdamW state sharded)",
-               "zero2": "DeepSpeed ZeRO-2 (gradients, AdamW state sharded)",
-               "zero3": "DeepSpeed ZeRO-3 (weights, gradients, AdamW state sharded)"}[self.name]
-        extra = ", CPU offload" if self.cpu_offload else ""
-        return f"engine: {self.name}: {how}{extra}, {n} process{'es' if n > 1 else ''}"
+        if self.name == "single":
+            return "engine: single process"
+        what = {"ddp": "DDP (nothing sharded)", "fsdp2": "FSDP2 (weights, gradients, AdamW state sharded)",
+                "zero2": "DeepSpeed ZeRO-2 (gradients, AdamW state sharded)",
+                "zero3": "DeepSpeed ZeRO-3 (weights, gradients, AdamW state sharded)"}[self.name]
+        return f"engine: {self.name} over {n} process{'es' if n > 1 else ''}: {what}" + (
+            ", CPU offload" if self.cpu_offload else "")
 
     def prepare(self, model, make_optimizer: Callable[[Any], torch.optim.Optimizer]):
         """Wrap the model for the engine and build its optimizer; returns ``(model, optimizer)``.
@@ -258,9 +269,12 @@ def build_engine(cfg: Config, env: dict[str, str] | os._Environ = os.environ) ->
         kwargs["deepspeed_plugin"] = deepspeed_plugin(int(name[-1]), cfg, cpu_offload)
         kwargs["gradient_accumulation_steps"] = t.grad_accum
     elif name == "fsdp2" and cuda:
-        kwargs["fsdp_plugin"] = fsdp2_plugin(cpu_offload)
+        kwargs["fsdp_plugin"] = fsdp2_plugin(cpu_offload, rank0_loads_weights(env))
     elif name == "fsdp2":
         direct = True  # Accelerate has no FSDP on the CPU: fully_shard ourselves
+        if rank0_loads_weights(env):
+            raise ConfigError("FSDP_CPU_RAM_EFFICIENT_LOADING (loading weights on rank 0 only) needs GPUs; "
+                              "on the CPU launch with torchrun and train.distributed=fsdp2")
     # cpu=True only where there is no accelerator at all: without it Accelerate ignores a torchrun
     # launch on a CPU-only machine (each process trains alone, as rank 0 of 1).
     kwargs["cpu"] = not cuda and not torch.backends.mps.is_available()
