@@ -101,6 +101,7 @@ def test_the_deepspeed_plugin_orpo_builds(stage, offload):
     assert zero["offload_optimizer"]["device"] == ("cpu" if offload else "none")
     assert zero["offload_param"]["device"] == ("cpu" if offload and stage == 3 else "none")
     assert zero["stage3_gather_16bit_weights_on_model_save"] is (stage == 3)
+    assert ds["train_micro_batch_size_per_gpu"] == cfg.train.batch_size
 
 
 def test_the_memory_estimate_divides_what_the_engine_shards():

@@ -36,6 +36,10 @@ from accelerate.state import AcceleratorState, GradientState
 from orpo.config import Config, ConfigError
 
 ENGINES = ("single", "ddp", "fsdp2", "zero2", "zero3")
+# What the launcher asked for: the environment before any run of this process created an
+# Accelerator (given a plugin, Accelerate writes ACCELERATE_USE_FSDP / _DEEPSPEED into os.environ,
+# which a second run in the same process must not mistake for an accelerate config).
+LAUNCH_ENV: dict[str, str] = dict(os.environ)
 SHARDED = ("fsdp2", "zero3")  # weights sharded: the final model must be gathered
 
 
@@ -114,12 +118,15 @@ def deepspeed_plugin(stage: int, cfg: Config, cpu_offload: bool):
     from accelerate.utils import DeepSpeedPlugin
 
     t = cfg.train
-    return DeepSpeedPlugin(
+    plugin = DeepSpeedPlugin(
         zero_stage=stage, gradient_accumulation_steps=t.grad_accum, gradient_clipping=t.max_grad_norm or 0.0,
         offload_optimizer_device="cpu" if cpu_offload else "none",
         offload_param_device="cpu" if cpu_offload and stage == 3 else "none",
         zero3_init_flag=False, zero3_save_16bit_model=stage == 3,
     )
+    # orpo feeds its own micro-batches (no prepared DataLoader for Accelerate to read the size from)
+    plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = t.batch_size
+    return plugin
 
 
 # ---------------------------------------------------------------------------------------------
@@ -239,9 +246,10 @@ def _fsdp_no_sync(model) -> Iterator[None]:
         model.set_requires_gradient_sync(True)
 
 
-def build_engine(cfg: Config, env: dict[str, str] | os._Environ = os.environ) -> Engine:
+def build_engine(cfg: Config, env: dict[str, str] | None = None) -> Engine:
     """Resolve ``train.distributed`` and create the Accelerator that runs it."""
     t = cfg.train
+    env = LAUNCH_ENV if env is None else env
     world = int(env.get("WORLD_SIZE", "1"))
     name = resolve_engine(t.distributed, world, env)
     cpu_offload = t.cpu_offload or offload_from_launcher(env)
@@ -269,10 +277,10 @@ def build_engine(cfg: Config, env: dict[str, str] | os._Environ = os.environ) ->
         kwargs["deepspeed_plugin"] = deepspeed_plugin(int(name[-1]), cfg, cpu_offload)
         kwargs["gradient_accumulation_steps"] = t.grad_accum
     elif name == "fsdp2" and cuda:
-        kwargs["fsdp_plugin"] = fsdp2_plugin(cpu_offload, rank0_loads_weights(env))
+        kwargs["fsdp_plugin"] = fsdp2_plugin(cpu_offload, rank0_loads_weights(os.environ))
     elif name == "fsdp2":
         direct = True  # Accelerate has no FSDP on the CPU: fully_shard ourselves
-        if rank0_loads_weights(env):
+        if rank0_loads_weights(os.environ):
             raise ConfigError("FSDP_CPU_RAM_EFFICIENT_LOADING (loading weights on rank 0 only) needs GPUs; "
                               "on the CPU launch with torchrun and train.distributed=fsdp2")
     # cpu=True only where there is no accelerator at all: without it Accelerate ignores a torchrun
