@@ -250,6 +250,9 @@ def build_engine(cfg: Config, env: dict[str, str] | None = None) -> Engine:
     """Resolve ``train.distributed`` and create the Accelerator that runs it."""
     t = cfg.train
     env = LAUNCH_ENV if env is None else env
+    for key in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"):  # a previous run's, not the launcher's
+        if key not in LAUNCH_ENV:
+            os.environ.pop(key, None)
     world = int(env.get("WORLD_SIZE", "1"))
     name = resolve_engine(t.distributed, world, env)
     cpu_offload = t.cpu_offload or offload_from_launcher(env)
