@@ -36,7 +36,7 @@ LORA=(examples/quickstart.yaml model.init=null model.name_or_path=.whl/stories26
 declare -A STATUS
 
 orpo1() {  # one process, as a distributed launch (FSDP2 and ZeRO need one, even for one process)
-  torchrun --standalone --nproc_per_node 1 -m orpo.cli train "$@"
+  python3 -m torch.distributed.run --standalone --nproc_per_node 1 -m orpo.cli train "$@"
 }
 
 run() {  # run NAME CMD...: time it, record its exit status
