@@ -397,7 +397,8 @@ def _capacity(device: torch.device, accelerator: Accelerator) -> int | None:
         return torch.cuda.get_device_properties(device).total_memory
     if device.type == "cpu":
         try:
-            meminfo = dict(line.split(":", 1) for line in open("/proc/meminfo"))
+            with open("/proc/meminfo") as f:
+                meminfo = dict(line.split(":", 1) for line in f)
         except OSError:
             return None
         available = int(meminfo["MemAvailable"].split()[0]) * 1024
