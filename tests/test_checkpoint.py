@@ -180,6 +180,10 @@ def test_resume_refuses_what_changes_the_data_order_or_the_zero_files(tmp_path, 
     # 9 rows in global micro-batches of 4: the last (1 row) is kept by 1 process, dropped by 2
     with pytest.raises(ResumeError, match="last, short micro-batch"):
         ckpt.check_resume_compatible(_fake_checkpoint(tmp_path / "b", bs2, 1, 4), bs2, "fp", 2, "fsdp2", _per_epoch(9))
+    budget = _cfg(tmp_path / "out", stories_dir, hh_path, batch_size=4, max_tokens_per_batch=100)
+    with pytest.raises(ResumeError, match="with train.max_tokens_per_batch the global batch is a number of"):
+        ckpt.check_resume_compatible(_fake_checkpoint(tmp_path / "d", budget, 2, 2), budget, "fp", 1, "fsdp2",
+                                     _per_epoch(16))
     with pytest.raises(ResumeError, match="ZeRO checkpoints resume with the same engine and process count"):
         ckpt.check_resume_compatible(_fake_checkpoint(tmp_path / "c", bs4, 2, 2, engine="zero3"), bs4, "fp", 1,
                                      "single", _per_epoch(16))
