@@ -101,13 +101,13 @@ def test_resume_after_interruption_matches_the_uninterrupted_run(reference, tmp_
         _run(_cfg(out, stories_dir, hh_path), on_step_end=_stop_after(5))
     assert [p.name for p in list_checkpoints(out)] == ["step-2", "step-4"]
     assert max(r["step"] for r in read_metrics(out)) == 5
-    (out / "checkpoints" / ".step-6.tmp").mkdir()  # as if killed while writing step 6
+    (out / "checkpoints" / "step-6" / "state").mkdir(parents=True)  # as if killed while writing step 6
 
     resumed = _run(_cfg(out, stories_dir, hh_path, resume="auto"))
     assert resumed.resume_from.name == "step-4"
     # Steps 5 and 6 are recomputed, the killed run's step-5 row replaced: the file reads as one run.
     assert _without_timing(read_metrics(out)) == _without_timing(rows)
-    assert not (out / "checkpoints" / ".step-6.tmp").exists()
+    assert (out / "checkpoints" / "step-6" / "manifest.json").is_file()  # the new step 6 replaced the leftover
 
 
 def test_rotation_keeps_the_newest_complete_checkpoints(reference):
@@ -115,7 +115,7 @@ def test_rotation_keeps_the_newest_complete_checkpoints(reference):
     ckpts = list_checkpoints(trainer.output_dir)
     assert [p.name for p in ckpts] == ["step-4", "step-6"]  # save_every 2, save_total_limit 2
     names = {p.name for p in ckpts[-1].iterdir()}
-    assert {"model", "optimizer.pt", "scheduler.pt", "rng_state_0.pt", "trainer_state.json", "config.yaml"} <= names
+    assert names == {"state", "scheduler.pt", "rng_state_0.pt", "trainer_state.json", "config.yaml", "manifest.json"}
 
 
 def test_resume_refusals(reference, tmp_path, stories_dir, hh_path):

@@ -1,4 +1,4 @@
-"""The `orpo` command line: train, preprocess, eval, generate, merge, config-doc.
+"""The `orpo` command line: train, preprocess, eval, generate, merge, checkpoints, config-doc.
 
 Every command reports bad input (configuration, data) as one clear message on stderr and exit
 status 2, without a traceback; anything else is a bug and keeps its traceback.
@@ -42,7 +42,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except (ConfigError, DataError, FileNotFoundError) as e:
-        print(f"orpo {args.command}: error: {e}", file=sys.stderr)
+        print(f"orpo {args.command}: error{_rank_tag()}: {e}", file=sys.stderr)
         return EXIT_USAGE
     except TrainingStopped as e:
         print(f"orpo {args.command}: {e}", file=sys.stderr)
@@ -50,6 +50,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"orpo {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def _rank_tag() -> str:
+    """Under torchrun / accelerate launch, which process failed (the launcher then stops the others)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return f" (rank {os.environ.get('RANK', '?')} of {world})" if world > 1 else ""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -95,6 +101,11 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("adapter", help="adapter folder (e.g. OUTPUT_DIR/final)")
     m.add_argument("output", help="where to write the merged model")
     m.set_defaults(func=_cmd_merge)
+
+    k = sub.add_parser("checkpoints", help="list a run's checkpoints: complete, incomplete or damaged")
+    k.add_argument("output_dir", help="the run's train.output_dir")
+    k.add_argument("--no-checksums", action="store_true", help="check sizes only (fast for large checkpoints)")
+    k.set_defaults(func=_cmd_checkpoints)
 
     c = sub.add_parser("config-doc", help="print the configuration reference (Markdown)")
     c.set_defaults(func=_cmd_config_doc)
@@ -182,6 +193,20 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     path = merge_lora(args.adapter, args.output)
     print(f"merged model written to {path}")
     return 0
+
+
+def _cmd_checkpoints(args: argparse.Namespace) -> int:
+    """One line per checkpoint; exit status 1 when the newest one is not complete."""
+    from orpo.train.checkpoint import checkpoint_root, inspect_checkpoint, step_folders
+
+    folders = step_folders(args.output_dir)
+    if not folders:
+        print(f"no checkpoints in {checkpoint_root(args.output_dir)}")
+        return 0
+    statuses = [inspect_checkpoint(f, checksums=not args.no_checksums) for f in folders]
+    for status in statuses:
+        print(status.describe())
+    return 0 if statuses[-1].complete else 1
 
 
 def _cmd_config_doc(args: argparse.Namespace) -> int:

@@ -260,6 +260,15 @@ class TrainConfig(_Section):
         None, gt=0, description="Rows per chunk for chunked log-probs; default: ~64 MiB of float32 logits (512 MiB on a GPU)."
     )
     save_final: bool = Field(True, description="Write output_dir/final/ at the end.")
+    distributed: Literal["auto", "ddp", "fsdp2", "zero2", "zero3"] = Field(
+        "auto",
+        description="How several processes share the work: auto (the accelerate config's engine, else ddp "
+        "when there are several processes) | ddp | fsdp2 (shard weights, gradients, AdamW state) | "
+        "zero2 | zero3 (DeepSpeed). See docs/distributed.md.",
+    )
+    cpu_offload: bool = Field(
+        False, description="Keep what the engine shards in CPU memory (fsdp2, zero2, zero3 only)."
+    )
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:

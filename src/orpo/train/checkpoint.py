@@ -1,30 +1,43 @@
-"""Checkpoints that survive a kill at any moment, their rotation, and the resume decision.
+"""Checkpoints that survive a kill at any instant, their integrity, rotation and the resume decision.
 
-A checkpoint is ``OUTPUT_DIR/checkpoints/step-N/``; it is written under a hidden temporary name in
-the same folder and renamed at the end, so a folder named ``step-N`` is always complete (a kill
-leaves only a ``.step-N.tmp`` that the next run removes). It holds everything a resumed run needs to
-continue exactly as the uninterrupted one would have:
+A checkpoint is ``OUTPUT_DIR/checkpoints/step-N/``, written by every process of the run:
 
-    model/               save_pretrained: safetensors weights, or the LoRA adapter
-    optimizer.pt         AdamW moments and step counts
+    state/               model and AdamW state through torch.distributed.checkpoint: one
+                         ``__R_0.distcp`` file per rank R and a ``.metadata`` index (trainable
+                         parameters only: a LoRA checkpoint holds the adapter, not the base)
+    deepspeed/           instead of state/ under ZeRO: DeepSpeed's own per-rank files
+    rng_state_R.pt       python, numpy, torch CPU and CUDA generators of rank R
     scheduler.pt         the LR scheduler position
-    rng_state_{rank}.pt  python, numpy, torch CPU and CUDA generators of every process
-    trainer_state.json   step, data position (epoch, micro-batch), skipped/bad step counters,
-                         tokens seen, best eval, data fingerprint, number of processes
+    trainer_state.json   step, data position (epoch, global micro-batch), skipped/bad step counters,
+                         tokens seen, best eval, data fingerprint, number of processes, engine
     config.yaml          the resolved configuration of the run that wrote it
+    manifest.json        written last: size and sha256 of every file above
+
+The manifest is the commit point. It is written (to a temporary name, fsynced, renamed) only after
+every rank has written and fsynced its files and the files' checksums are known, so a folder without
+one is **incomplete** (the save was killed), and a folder whose files no longer match it is
+**damaged**; resume takes the newest **complete** one and names each one it skips. Deleting a
+checkpoint removes its manifest first, so a kill while deleting leaves an incomplete folder, never a
+complete-looking partial one.
+
+The model and optimizer state are keyed by parameter name, not by process: a checkpoint written by N
+processes (any engine but ZeRO) loads on M processes, sharded or not (``load_checkpoint``).
 """
 
 from __future__ import annotations
 
 import ctypes
 import errno
+import hashlib
+import io
 import json
 import os
 import random
 import re
 import shutil
 import sys
-from collections.abc import Iterator
+import warnings
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -38,6 +51,10 @@ from orpo.config import Config, ConfigError
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
+MANIFEST = "manifest.json"
+STATE_DIR = "state"
+DEEPSPEED_DIR = "deepspeed"
+MANIFEST_FORMAT = 1
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -61,6 +78,7 @@ class TrainState:
     data_fingerprint: str = ""
     num_processes: int = 1
     warnings: dict[str, str] = field(default_factory=dict)  # run-health code -> message, each said once
+    engine: str = "single"  # train.distributed as resolved for the run that wrote it
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -71,7 +89,33 @@ class TrainState:
 
 
 # ---------------------------------------------------------------------------------------------
-# Atomic folders and rotation
+# Durable writes
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``path`` so that it is either absent/old or complete, and on disk (fsynced) when this returns."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _torch_bytes(obj: Any) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
 
 
 @contextmanager
@@ -157,29 +201,159 @@ def quiet_saving() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
+# ---------------------------------------------------------------------------------------------
+# Integrity: the manifest
+
+
+@dataclass
+class CheckpointStatus:
+    """What a look at one checkpoint folder found."""
+
+    path: Path
+    step: int
+    state: str  # "complete" | "incomplete" | "damaged"
+    problem: str | None = None  # why it is not complete, naming the file
+    files: int = 0
+    bytes: int = 0
+    num_processes: int | None = None
+    engine: str | None = None
+
+    @property
+    def complete(self) -> bool:
+        return self.state == "complete"
+
+    def describe(self) -> str:
+        what = f"{self.path.name:<12} {self.state:<10}"
+        if self.complete:
+            return (f"{what} {self.files} files, {self.bytes / 2**20:,.1f} MiB, written by {self.num_processes} "
+                    f"process{'es' if self.num_processes != 1 else ''} ({self.engine})")
+        return f"{what} {self.problem}"
+
+
+def _relative_files(folder: Path) -> list[str]:
+    """Every file of a checkpoint but the manifest (and temporary files), as sorted relative paths."""
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*")
+                  if p.is_file() and p.name != MANIFEST and not p.name.endswith(".tmp"))
+
+
+def _file_record(folder: Path, rel: str) -> tuple[str, dict[str, Any]]:
+    path = folder / rel
+    with open(path, "rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    return rel, {"size": path.stat().st_size, "sha256": digest}
+
+
+def _spread(items: list, fn: Callable, accelerator=None) -> list:
+    """``[fn(x) for x in items]``, each process computing a share (the results gathered on all)."""
+    if accelerator is None or accelerator.num_processes == 1:
+        return [fn(x) for x in items]
+    from accelerate.utils import gather_object
+
+    rank, world = accelerator.process_index, accelerator.num_processes
+    mine = [(i, fn(x)) for i, x in enumerate(items) if i % world == rank]
+    return [r for _, r in sorted(gather_object(mine), key=lambda pair: pair[0])]
+
+
+def _problem(folder: Path, rel: str, entry: dict[str, Any], checksum: bool = True) -> str | None:
+    """What is wrong with one file against its manifest entry (None: nothing)."""
+    path = folder / rel
+    if not path.is_file():
+        return f"{rel} is missing"
+    size = path.stat().st_size
+    if size != entry["size"]:
+        return f"{rel} has {size:,} bytes, the manifest says {entry['size']:,}"
+    if checksum and _file_record(folder, rel)[1]["sha256"] != entry["sha256"]:
+        return f"{rel}: sha256 differs from the manifest (the file changed after it was written)"
+    return None
+
+
+def inspect_checkpoint(folder: Path, accelerator=None, checksums: bool = True) -> CheckpointStatus:
+    """Complete, incomplete or damaged: sizes always, sha256 of every file when ``checksums``.
+
+    With an ``accelerator`` of several processes the files are hashed in parallel, a share each,
+    and every process returns the same answer.
+    """
+    folder = Path(folder)
+    m = _STEP_DIR.match(folder.name)
+    status = CheckpointStatus(path=folder, step=int(m.group(1)) if m else -1, state="incomplete")
+    if not folder.is_dir():
+        status.problem = "no such folder"
+        return status
+    if not (folder / MANIFEST).is_file():
+        status.problem = f"no {MANIFEST}: the save did not finish"
+        return status
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+        files: dict[str, dict[str, Any]] = manifest["files"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        status.state, status.problem = "damaged", f"{MANIFEST} is unreadable ({e})"
+        return status
+    status.files, status.bytes = len(files), sum(e["size"] for e in files.values())
+    status.num_processes, status.engine = manifest.get("num_processes"), manifest.get("engine")
+    problems = _spread(sorted(files), lambda rel: _problem(folder, rel, files[rel], checksums), accelerator)
+    found = [p for p in problems if p]
+    if found:
+        status.state = "damaged"
+        status.problem = found[0] + (f" (and {len(found) - 1} more)" if len(found) > 1 else "")
+    else:
+        status.state = "complete"
+    return status
+
+
+def write_manifest(folder: Path, state: TrainState, accelerator=None) -> None:
+    """Checksum every file (each process a share) and write the manifest: the checkpoint's commit point.
+
+    Every process calls this after all have written their files; only the main one writes.
+    """
+    records = dict(_spread(_relative_files(folder), lambda rel: _file_record(folder, rel), accelerator))
+    if accelerator is None or accelerator.is_main_process:
+        manifest = {"format": MANIFEST_FORMAT, "step": state.step, "num_processes": state.num_processes,
+                    "engine": state.engine, "files": records}
+        write_atomic(folder / MANIFEST, json.dumps(manifest, indent=1).encode())
+
+
+# ---------------------------------------------------------------------------------------------
+# Listing and rotation
+
+
 def checkpoint_root(output_dir: str | Path) -> Path:
     return Path(output_dir) / CHECKPOINTS
 
 
-def list_checkpoints(output_dir: str | Path) -> list[Path]:
-    """Complete checkpoints (``step-N`` with a state file), oldest first."""
+def step_folders(output_dir: str | Path) -> list[Path]:
+    """Every ``step-N`` folder, whatever its state, oldest first."""
     root = checkpoint_root(output_dir)
     if not root.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in root.iterdir()
-             if (m := _STEP_DIR.match(p.name)) and (p / STATE_FILE).is_file()]
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _STEP_DIR.match(p.name))]
     return [p for _, p in sorted(found)]
 
 
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Checkpoints whose save finished (a manifest is in place), oldest first; not checksummed."""
+    return [p for p in step_folders(output_dir) if (p / MANIFEST).is_file()]
+
+
+def remove_checkpoint(folder: Path) -> None:
+    """Manifest first: a kill while deleting leaves an incomplete folder, not a complete-looking one."""
+    (folder / MANIFEST).unlink(missing_ok=True)
+    shutil.rmtree(folder, ignore_errors=True)
+
+
 def rotate_checkpoints(output_dir: str | Path, keep: int | None) -> list[Path]:
-    """Delete all but the newest ``keep`` complete checkpoints, and any leftover temp folders."""
+    """Delete all but the newest ``keep`` finished checkpoints, and every unfinished folder.
+
+    Called by the main process right after a checkpoint was committed, when no other save is in
+    flight, so an unfinished folder can only be the leftover of a killed save.
+    """
     root = checkpoint_root(output_dir)
-    for leftover in root.glob(".step-*.tmp"):
+    for leftover in root.glob(".step-*.tmp"):  # the temporary folders of earlier versions
         shutil.rmtree(leftover, ignore_errors=True)
-    ckpts = list_checkpoints(output_dir)
-    removed = ckpts[:-keep] if keep else []
+    removed = [p for p in step_folders(output_dir) if not (p / MANIFEST).is_file()]
+    finished = list_checkpoints(output_dir)
+    removed += finished[:-keep] if keep else []
     for p in removed:
-        shutil.rmtree(p)
+        remove_checkpoint(p)
     return removed
 
 
@@ -187,35 +361,61 @@ def rotate_checkpoints(output_dir: str | Path, keep: int | None) -> list[Path]:
 # Save
 
 
-def save_checkpoint(accelerator, output_dir: str | Path, model, optimizer, scheduler, state: TrainState,
+def save_checkpoint(engine, output_dir: str | Path, model, optimizer, scheduler, state: TrainState,
                     cfg: Config, keep: int | None) -> Path:
-    """Write ``checkpoints/step-{state.step}`` atomically (every rank calls this), then rotate.
+    """Write ``checkpoints/step-{state.step}`` from every rank, commit it with its manifest, rotate.
 
-    Every rank writes its own RNG state into the shared temporary folder; the main process writes
-    the rest and publishes the folder once all ranks are done.
+    1. the main process removes a leftover folder of the same name (a killed or damaged save);
+    2. every rank writes its part of the model and optimizer state and its RNG state, the main
+       process the scheduler, trainer state and config (all fsynced);
+    3. the files are checksummed (each rank a share) and the main process writes the manifest;
+    4. the main process deletes the checkpoints beyond ``keep`` and any unfinished folder.
+    A kill before the manifest's rename leaves an incomplete folder that resume skips.
     """
-    root = checkpoint_root(output_dir)
-    final = root / f"step-{state.step}"
-    tmp = root / f".{final.name}.tmp"
-    if accelerator.is_main_process:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    torch.save(rng_state(), tmp / f"rng_state_{accelerator.process_index}.pt")
-    if accelerator.is_main_process:
-        with quiet_saving():
-            accelerator.unwrap_model(model).save_pretrained(tmp / "model", safe_serialization=True)
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        (tmp / "config.yaml").write_text(dump_config(cfg))
-        (tmp / STATE_FILE).write_text(state.to_json())  # last: its presence marks a complete folder
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        publish_dir(tmp, final)
+    acc = engine.accelerator
+    folder = checkpoint_root(output_dir) / f"step-{state.step}"
+    if acc.is_main_process and folder.exists():
+        remove_checkpoint(folder)
+    acc.wait_for_everyone()
+    folder.mkdir(parents=True, exist_ok=True)
+    if engine.deepspeed:
+        model.save_checkpoint(str(folder / DEEPSPEED_DIR), tag=STATE_DIR)
+    else:
+        import torch.distributed.checkpoint as dcp
+
+        with _single_process_ok():
+            dcp.save(_dcp_state(engine, model), checkpoint_id=folder / STATE_DIR)
+    write_atomic(folder / f"rng_state_{acc.process_index}.pt", _torch_bytes(rng_state()))
+    if acc.is_main_process:
+        write_atomic(folder / "scheduler.pt", _torch_bytes(scheduler.state_dict()))
+        write_atomic(folder / "config.yaml", dump_config(cfg).encode())
+        write_atomic(folder / STATE_FILE, state.to_json().encode())
+    acc.wait_for_everyone()
+    write_manifest(folder, state, acc)
+    if acc.is_main_process:
         rotate_checkpoints(output_dir, keep)
-    accelerator.wait_for_everyone()
-    return final
+    acc.wait_for_everyone()
+    return folder
+
+
+def _dcp_state(engine, model) -> dict[str, Any]:
+    """Model and optimizer state keyed by parameter name (sharded tensors stay sharded): what
+    ``torch.distributed.checkpoint`` saves and reshards on load. Frozen parameters (a LoRA base)
+    are not part of a checkpoint: they come from the model's own source."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    msd, osd = get_state_dict(engine.unwrap(model), engine.torch_optimizer,
+                              options=StateDictOptions(ignore_frozen_params=True))
+    return {"model": msd, "optimizer": osd}
+
+
+@contextmanager
+def _single_process_ok() -> Iterator[None]:
+    """torch.distributed.checkpoint warns at every save of a single process (no process group):
+    that is our normal one-process case, not a mistake."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 def dump_config(cfg: Config) -> str:
@@ -246,26 +446,35 @@ def set_rng_state(s: dict[str, Any]) -> None:
 # Resume
 
 
-def resolve_resume(cfg: Config) -> Path | None:
+def resolve_resume(cfg: Config, verify: Callable[[Path], CheckpointStatus] = inspect_checkpoint,
+                   report: Callable[[str], None] = print) -> Path | None:
     """The checkpoint to resume from, or None to start fresh; refuses to clobber a previous run.
 
-    ``never`` in an output_dir that already has checkpoints (or a final model) is refused unless
-    ``train.overwrite`` is set, in which case the old checkpoints, metrics and final model go.
+    ``auto`` takes the newest complete checkpoint (``verify``: manifest, sizes, checksums) and
+    ``report``s each newer one it skips, by name and reason. An explicit path that is not complete
+    is refused. ``never`` in an output_dir that already has checkpoints (or a final model) is
+    refused unless ``train.overwrite`` is set, in which case the old checkpoints, metrics and final
+    model go.
     """
     t = cfg.train
     out = Path(t.output_dir)
     if t.resume == "auto":
-        ckpts = list_checkpoints(out)
-        return ckpts[-1] if ckpts else None
+        for folder in reversed(step_folders(out)):
+            status = verify(folder)
+            if status.complete:
+                return folder
+            report(f"checkpoint {folder} is {status.state}: {status.problem}; skipped")
+        return None
     if t.resume != "never":
         path = Path(t.resume)
-        if not (path / STATE_FILE).is_file():
-            raise ResumeError(f"train.resume: {path} is not a complete checkpoint (no {STATE_FILE}); "
-                              f"complete ones in {checkpoint_root(out)}: "
-                              f"{[p.name for p in list_checkpoints(out)] or 'none'}")
+        status = verify(path)
+        if not status.complete:
+            raise ResumeError(f"train.resume: {path} is not a complete checkpoint ({status.state}: {status.problem}). "
+                              f"Finished checkpoints "
+                              f"in {checkpoint_root(out)}: {[p.name for p in list_checkpoints(out)] or 'none'}")
         return path
     previous = [p for p in (checkpoint_root(out), out / "final", out / "metrics.jsonl") if p.exists()]
-    has_run = bool(list_checkpoints(out)) or (out / "final").exists()
+    has_run = bool(step_folders(out)) or (out / "final").exists()
     if has_run and not t.overwrite:
         raise ResumeError(
             f"{out} already holds a run ({', '.join(p.name for p in previous)}). "
@@ -287,11 +496,11 @@ def clear_previous_run(output_dir: str | Path) -> None:
 
 # Settings that change what a step computes or which data it sees: resuming across a change
 # would silently produce a run that matches neither configuration. The data itself (files,
-# template, lengths) is covered by the fingerprint of the tokenized dataset.
+# template, lengths) is covered by the fingerprint of the tokenized dataset. The batch is checked
+# as a global micro-batch (batch_size x processes), see check_resume_compatible.
 RESUME_KEYS = (
     "model.name_or_path", "model.init", "model.revision", "model.lora", "model.load_in_4bit",
-    "orpo.nll_on_prompt", "train.seed", "train.batch_size", "train.grad_accum",
-    "train.max_tokens_per_batch",
+    "orpo.nll_on_prompt", "train.seed", "train.grad_accum", "train.max_tokens_per_batch",
 )
 
 
@@ -299,8 +508,16 @@ def read_state(ckpt: Path) -> TrainState:
     return TrainState.from_json((ckpt / STATE_FILE).read_text())
 
 
-def check_resume_compatible(ckpt: Path, cfg: Config, fingerprint: str, num_processes: int) -> TrainState:
-    """Load the checkpoint's state; refuse, listing every difference, if the run has changed."""
+def check_resume_compatible(ckpt: Path, cfg: Config, fingerprint: str, num_processes: int, engine: str,
+                            micro_batches_per_epoch: Callable[[int, int], int]) -> TrainState:
+    """Load the checkpoint's state; refuse, listing every difference, if the run has changed.
+
+    Another process count is the same run when the global micro-batch (``batch_size`` x
+    processes) and so the data order over it are unchanged: ``micro_batches_per_epoch(batch_size,
+    processes)`` must agree too (the last, short micro-batch of an epoch is dropped when it has
+    fewer rows than processes). ZeRO checkpoints are DeepSpeed's own files: same engine and
+    process count only.
+    """
     state = read_state(ckpt)
     saved = yaml.safe_load((ckpt / "config.yaml").read_text())
     now = cfg.model_dump(mode="json")
@@ -312,8 +529,25 @@ def check_resume_compatible(ckpt: Path, cfg: Config, fingerprint: str, num_proce
         a, b = _get(saved, key), _get(now, key)
         if a != b:
             diffs.append(f"{key}: checkpoint {a!r}, now {b!r}")
-    if state.num_processes != num_processes:
-        diffs.append(f"processes: checkpoint {state.num_processes}, now {num_processes} (changes the data order)")
+    old_bs, old_n, bs = saved["train"]["batch_size"], state.num_processes, cfg.train.batch_size
+    if cfg.train.max_tokens_per_batch is not None:
+        if old_n != num_processes:  # a step is grad_accum token-budget micro-batches per process
+            diffs.append(f"processes: checkpoint {old_n}, now {num_processes} (with train.max_tokens_per_batch "
+                         "the global batch is a number of micro-batches per process)")
+    elif old_bs * old_n != bs * num_processes:
+        hint = ""
+        if (old_bs * old_n) % num_processes == 0:
+            hint = f"; set train.batch_size={old_bs * old_n // num_processes} to keep it"
+        diffs.append(f"train.batch_size: checkpoint {old_bs}, now {bs} (global micro-batch: checkpoint {old_bs} x "
+                     f"{old_n} processes = {old_bs * old_n} pairs, now {bs} x {num_processes} = "
+                     f"{bs * num_processes}{hint})")
+    elif micro_batches_per_epoch(old_bs, old_n) != micro_batches_per_epoch(bs, num_processes):
+        diffs.append(f"processes: checkpoint {old_n}, now {num_processes}: the epoch's last, short micro-batch is "
+                     "kept by one and dropped by the other (it has fewer rows than processes)")
+    zero = {state.engine, engine} & {"zero2", "zero3"}
+    if zero and (state.engine != engine or old_n != num_processes):
+        diffs.append(f"engine: checkpoint {state.engine} on {old_n} processes, now {engine} on {num_processes} "
+                     "(ZeRO checkpoints resume with the same engine and process count)")
     if diffs:
         raise ResumeError(
             f"cannot resume from {ckpt}: the run has changed\n  " + "\n  ".join(diffs)
@@ -323,44 +557,35 @@ def check_resume_compatible(ckpt: Path, cfg: Config, fingerprint: str, num_proce
     return state
 
 
-def load_model_weights(model, folder: Path) -> None:
-    """Load weights written by ``save_pretrained`` into an already built model (full or PEFT)."""
-    from safetensors.torch import load_file
+def load_checkpoint(engine, ckpt: Path, model, optimizer, scheduler, num_processes_saved: int) -> str | None:
+    """Restore model, optimizer, scheduler and this rank's RNG state from ``ckpt``.
 
-    from orpo.train.model import is_peft_model
+    Returns a note for the user when the RNG state could not be restored exactly (a process that
+    did not exist in the run that saved: dropout masks then differ from that run's).
+    """
+    acc = engine.accelerator
+    if engine.deepspeed:
+        model.load_checkpoint(str(ckpt / DEEPSPEED_DIR), tag=STATE_DIR)
+    else:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
-    if is_peft_model(model):
-        from peft import set_peft_model_state_dict
-
-        result = set_peft_model_state_dict(model, load_file(str(folder / "adapter_model.safetensors")))
-        unexpected = getattr(result, "unexpected_keys", [])
-        if unexpected:
-            raise ResumeError(f"{folder}: adapter weights do not fit the model: {unexpected[:5]}")
-        return
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise ResumeError(f"{folder}: no safetensors weights")
-    state: dict[str, torch.Tensor] = {}
-    for f in files:
-        state.update(load_file(str(f)))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    # save_pretrained drops tied copies (e.g. lm_head.weight tied to the embedding): loading the
-    # source fills both, so only a missing key that is not tied is an error.
-    tied = {id(p) for n, p in model.named_parameters() if n not in missing}
-    params = dict(model.named_parameters(remove_duplicate=False))
-    truly_missing = [k for k in missing if k in params and id(params[k]) not in tied]
-    if unexpected or truly_missing:
-        raise ResumeError(f"{folder}: weights do not fit the model (missing {truly_missing[:5]}, "
-                          f"unexpected {unexpected[:5]})")
-
-
-def load_checkpoint(accelerator, ckpt: Path, model, optimizer, scheduler) -> None:
-    """Restore model, optimizer, scheduler and this rank's RNG state from ``ckpt``."""
-    load_model_weights(accelerator.unwrap_model(model), ckpt / "model")
-    optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True))
+        state = _dcp_state(engine, model)
+        # Every trainable tensor must be in the checkpoint (dcp.load raises otherwise); frozen ones
+        # are absent on purpose, hence strict=False when handing the state to the model.
+        with _single_process_ok():
+            dcp.load(state, checkpoint_id=ckpt / STATE_DIR)
+        set_state_dict(engine.unwrap(model), engine.torch_optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optimizer"],
+                       options=StateDictOptions(ignore_frozen_params=True, strict=False))
     scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
-    rng_file = ckpt / f"rng_state_{accelerator.process_index}.pt"
-    set_rng_state(torch.load(rng_file, weights_only=True))
+    rng_file = ckpt / f"rng_state_{acc.process_index}.pt"
+    if rng_file.is_file():
+        set_rng_state(torch.load(rng_file, weights_only=True))
+    if acc.num_processes != num_processes_saved:
+        return (f"resumed on {acc.num_processes} processes from a checkpoint of {num_processes_saved}: the data "
+                "order over the global batch and the losses continue; dropout masks (if any) differ")
+    return None
 
 
 def _get(d: dict, dotted: str) -> Any:

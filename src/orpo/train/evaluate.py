@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -41,15 +42,20 @@ def evaluate(model, dataset, layout: Layout | int, batch_size: int, objective: O
     sums = MetricSums(objective, device)
     was_training = model.training
     model.eval()
+    starts = list(range(0, len(dataset), batch_size))
     try:
-        for k, start in enumerate(range(0, len(dataset), batch_size)):
-            if k % world != rank:
-                continue
+        # Every rank runs the same number of forwards: a sharded model (FSDP2, ZeRO-3) gathers its
+        # weights collectively in each one. A rank without a batch of its own in the last round
+        # repeats its first batch and discards the result.
+        for k in range(rank, world * math.ceil(len(starts) / world), world):
+            start = starts[k] if k < len(starts) else starts[rank % len(starts)]
             rows = dataset[start : start + batch_size]
             rows = [dict(zip(rows, vals, strict=True)) for vals in zip(*rows.values(), strict=True)]
             batch = objective.prepare(layout(rows), keep_mode)
             nll_tokens, tokens = objective.nll_tokens(batch), batch.num_tokens()
-            sums.add(objective(model, batch.to(device)), nll_tokens=nll_tokens, tokens=tokens)
+            out = objective(model, batch.to(device))
+            if k < len(starts):
+                sums.add(out, nll_tokens=nll_tokens, tokens=tokens)
     finally:
         model.train(was_training)
     sums.reduce(accelerator)

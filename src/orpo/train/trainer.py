@@ -1,7 +1,7 @@
 """The ORPO training recipe on Accelerate: set up in dependency order, then one loop.
 
-    setup()   accelerator -> resume decision -> tokenizer -> data -> model -> optimizer
-              -> scheduler -> accelerator.prepare -> checkpoint state -> logger
+    setup()   engine (accelerator) -> resume decision -> tokenizer -> data -> model
+              -> engine.prepare (wrap/shard + optimizer) -> scheduler -> checkpoint state -> logger
     train()   [eval at step 0] -> per step: fetch grad_accum micro-batches -> _step -> _log
               -> evaluate / save_checkpoint when due -> watchers -> [final eval] -> save_final -> summary
 
@@ -21,7 +21,6 @@ metrics back only on logged steps.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import math
@@ -34,7 +33,6 @@ from typing import Any, Protocol
 
 import torch
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from rich.console import Console
 from torch.utils.data import DataLoader
@@ -42,6 +40,7 @@ from torch.utils.data import DataLoader
 from orpo.config import Config, ConfigError
 from orpo.data.collate import Layout, PreferenceBatch, layout_for_model
 from orpo.train import checkpoint as ckpt
+from orpo.train.distributed import Engine, build_engine, estimate_memory, full_state_dict
 from orpo.train.evaluate import evaluate
 from orpo.train.forward import configure_logps
 from orpo.train.logger import MetricsLogger, ProgressBar, Throughput, check_report_to
@@ -226,12 +225,13 @@ class Trainer:
     """
 
     # set by setup(), in this order
+    engine: Engine  # single / ddp / fsdp2 / zero2 / zero3 (distributed.py)
     accelerator: Accelerator
     resume_from: Path | None
     tokenizer: Any
     layout: Layout
     data: TrainData
-    model: Any  # plain, PEFT, then DDP-wrapped by accelerator.prepare: unwrap_model gets the model
+    model: Any  # plain, PEFT, then wrapped or sharded by engine.prepare: engine.unwrap gets the model
     optimizer: Any
     scheduler: Any
     total_steps: int
@@ -255,29 +255,24 @@ class Trainer:
     def setup(self) -> Trainer:
         check_report_to(self.cfg.train.report_to)
         self._setup_accelerator()
-        self.resume_from = ckpt.resolve_resume(self.cfg)
+        self.resume_from = ckpt.resolve_resume(self.cfg, verify=partial(ckpt.inspect_checkpoint,
+                                                                        accelerator=self.accelerator),
+                                               report=self._print)
         self._setup_tokenizer()
         self._setup_data()
         self._setup_model()
-        self.optimizer = build_optimizer(self.model, self.cfg.train)
+        self.model, self.optimizer = self.engine.prepare(self.model, partial(build_optimizer, cfg=self.cfg.train))
         self._setup_scheduler()
-        self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
         self._setup_state()
         self._setup_logger()
         return self
 
     def _setup_accelerator(self) -> None:
-        # cpu=True only where there is no accelerator at all: without it Accelerate ignores a
-        # torchrun launch on a CPU-only machine (each process trains alone, as rank 0 of 1).
-        cpu_only = not torch.cuda.is_available() and not torch.backends.mps.is_available()
-        state = AcceleratorState._shared_state
-        if state and state.get("_mixed_precision") != self.cfg.train.mixed_precision:
-            # Accelerate keeps one precision per process; a second run in the same process (a
-            # notebook, the tests) with another train.mixed_precision would be refused otherwise.
-            AcceleratorState._reset_state()
-        self.accelerator = Accelerator(mixed_precision=self.cfg.train.mixed_precision, cpu=cpu_only)
+        self.engine = build_engine(self.cfg)
+        self.accelerator = self.engine.accelerator
         self.is_main = self.accelerator.is_main_process
         set_seed(self.cfg.train.seed)
+        self._print(self.engine.describe())
 
     def _print(self, text: str) -> None:
         if self.is_main:
@@ -315,7 +310,7 @@ class Trainer:
         acc = self.accelerator
         device_map = {"": acc.local_process_index} if self.cfg.model.load_in_4bit else None
         model = load_model(self.cfg.model, self.tokenizer, seed=self.cfg.train.seed, device_map=device_map)
-        if not self.cfg.model.load_in_4bit:
+        if not self.cfg.model.load_in_4bit and self.engine.places_model:
             model.to(acc.device)  # before the optimizer, which picks the fused kernel by device
         model.train()
         self.keep_mode = logits_keep_mode(model)
@@ -332,6 +327,11 @@ class Trainer:
                     f"{' (LoRA)' if is_peft_model(model) else ''}, on {acc.device}")
         if is_peft_model(model):
             self._print(describe_lora(model))
+        memory = estimate_memory(model, self.engine)
+        self._print(memory.line(self.engine))
+        if self.engine.sharded and is_peft_model(model) and self.cfg.model.init is not None:
+            raise ConfigError(f"LoRA on a fresh model.init under {self.engine.name}: final/ would need the "
+                              "sharded base weights as well; use a pretrained model.name_or_path, or ddp")
         self.model = model
 
     def _setup_scheduler(self) -> None:
@@ -342,18 +342,25 @@ class Trainer:
         micro_batches = sum(counts[:-1]) + (epochs - len(counts) + 1) * counts[-1]
         self.total_steps = t.max_steps or math.ceil(micro_batches / t.grad_accum)
         # Stepped by hand once per optimizer step and never passed to accelerator.prepare(), whose
-        # wrapper would step it once per process.
-        self.scheduler = build_scheduler(self.optimizer, t, self.total_steps)
+        # wrapper would step it once per process. Built on the plain torch optimizer, which every
+        # engine's wrapper (DeepSpeed's too) reads its learning rate from.
+        self.scheduler = build_scheduler(self.engine.torch_optimizer, t, self.total_steps)
 
     def _setup_state(self) -> None:
         acc = self.accelerator
         if self.resume_from is not None:
-            self.state = ckpt.check_resume_compatible(self.resume_from, self.cfg, self.data.fingerprint,
-                                                      acc.num_processes)
-            ckpt.load_checkpoint(acc, self.resume_from, self.model, self.optimizer, self.scheduler)
-            self._print(f"resumed from {self.resume_from} (step {self.state.step})")
+            rows = len(self.train_data)
+            self.state = ckpt.check_resume_compatible(
+                self.resume_from, self.cfg, self.data.fingerprint, acc.num_processes, self.engine.name,
+                lambda bs, n: len(epoch_micro_batches(rows, bs, self.cfg.train.seed, 0, 0, n)))
+            note = ckpt.load_checkpoint(self.engine, self.resume_from, self.model, self.optimizer, self.scheduler,
+                                        self.state.num_processes)
+            self._print(f"resumed from {self.resume_from} (step {self.state.step})" + (f": {note}" if note else ""))
+            # From here on the checkpoints this run writes describe this run's processes and engine.
+            self.state.num_processes, self.state.engine = acc.num_processes, self.engine.name
         else:
-            self.state = ckpt.TrainState(data_fingerprint=self.data.fingerprint, num_processes=acc.num_processes)
+            self.state = ckpt.TrainState(data_fingerprint=self.data.fingerprint, num_processes=acc.num_processes,
+                                         engine=self.engine.name)
 
     def _setup_logger(self) -> None:
         """Last, so a run that fails to set up never deletes the previous one it would overwrite."""
@@ -463,8 +470,7 @@ class Trainer:
     def _step(self, micro_batches: list[PreferenceBatch]) -> StepOutput:
         """One optimizer step: forward/backward every micro-batch, clip, update (or skip)."""
         sums = self._forward_backward(micro_batches)
-        grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(),
-                                                     self.cfg.train.max_grad_norm or math.inf)
+        grad_norm = self.engine.clip_grad_norm_(self.model, self.cfg.train.max_grad_norm)
         sums.reduce(self.accelerator)
         lr = self.scheduler.get_last_lr()[0]
         self._optimizer_step(sums.total_loss, grad_norm)
@@ -482,12 +488,11 @@ class Trainer:
         nll_den, or_den = counts.clamp(min=1).unbind()
         sums = MetricSums(self.objective, device)
         for i, (batch, n_tok) in enumerate(zip(micro_batches, nll_tokens, strict=True)):
-            last = i == len(micro_batches) - 1
-            with contextlib.nullcontext() if last else acc.no_sync(self.model):
+            with self.engine.micro_batch(self.model, last=i == len(micro_batches) - 1):
                 out = self.objective(self.model, batch.to(device), token_normalizer=nll_den, pair_normalizer=or_den)
-                # Each rank's loss is already divided by the global counts; DDP then averages the
-                # gradients over ranks, so multiply by the world size to get the global sum back.
-                acc.backward(out.loss * world)
+                # Each rank's loss is already divided by the global counts; the engine undoes its
+                # own averaging over ranks (and micro-batches), so gradients are of the global sum.
+                self.engine.backward(out.loss, grad_accum=len(micro_batches))
             sums.add(out, nll_tokens=n_tok, tokens=batch.num_tokens())
         return sums
 
@@ -570,7 +575,7 @@ class Trainer:
         return row
 
     def save_checkpoint(self) -> Path:
-        path = ckpt.save_checkpoint(self.accelerator, self.output_dir, self.model, self.optimizer, self.scheduler,
+        path = ckpt.save_checkpoint(self.engine, self.output_dir, self.model, self.optimizer, self.scheduler,
                                     self.state, self.cfg, keep=self.cfg.train.save_total_limit)
         self._notify("on_save", path)
         return path
@@ -579,8 +584,9 @@ class Trainer:
         """``OUTPUT_DIR/final``: a standard HF folder (or LoRA adapter) + tokenizer with its chat template."""
         final = self.output_dir / "final"
         self.accelerator.wait_for_everyone()
+        state_dict = full_state_dict(self.engine, self.model)  # every rank takes part when sharded
         if self.is_main:
-            model = self.accelerator.unwrap_model(self.model)
+            model = self.engine.unwrap(self.model)
             template = getattr(self.data, "template", None)
             if template is not None and getattr(template, "jinja", None):
                 self.tokenizer.chat_template = template.jinja
@@ -588,7 +594,7 @@ class Trainer:
                 if is_peft_model(model) and self.cfg.model.init is not None:
                     _save_lora_with_fresh_base(model, tmp, final)
                 else:
-                    model.save_pretrained(tmp, safe_serialization=True)
+                    model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
                 self.tokenizer.save_pretrained(tmp)
         self.accelerator.wait_for_everyone()
         return final
