@@ -140,16 +140,16 @@ def test_prompts_far_longer_than_max_length_are_cut_never_the_response(folder, s
 
 
 def test_megabyte_responses(folder, stories_tokenizer):
-    """Two 1 MiB responses in JSON Lines and gzipped CSV (whose reader refused fields over 128 KiB)."""
+    """A 1 MiB response (2**20 characters of hostile text) in gzipped CSV, whose reader refused
+    fields over 128 KiB; JSON Lines and Parquet have no such limit."""
     mib = 2**20
-    rows = [{"prompt": "Tell me a story.", "chosen": ("Once upon a time. " * mib)[:mib],
-             "rejected": ("\u05e9\u05dc\u05d5\u05dd e\u0301 \U0001f600 " * mib)[:mib]}]
-    for kind in ("jsonl", "csv.gz"):
-        cfg = data_config(write(folder, kind, encode_file(kind, rows)))
-        result = prepare(cfg, stories_tokenizer)
-        assert not isinstance(result, DataError), result
-        check_prepared(result, cfg, stories_tokenizer)
-        assert result.summary.truncated == 1 and result.summary.lengths["chosen"].max > 100_000
+    rows = [{"prompt": "Tell me a story.", "chosen": ("\u05e9\u05dc\u05d5\u05dd e\u0301 \U0001f600 \x00" * mib)[:mib],
+             "rejected": "The end."}]
+    cfg = data_config(write(folder, "csv.gz", encode_file("csv.gz", rows)))
+    result = prepare(cfg, stories_tokenizer)
+    assert not isinstance(result, DataError), result
+    check_prepared(result, cfg, stories_tokenizer)
+    assert result.summary.truncated == 1 and result.summary.lengths["chosen"].max > mib
 
 
 # ------------------------------------------------------------------------------------------------
