@@ -80,7 +80,7 @@ _BAD = {
     "junk": JUNK,  # wrong types and nested junk
 }
 # mostly a valid text, sometimes empty, whitespace-only, a lone surrogate, a wrong type or junk
-FIELD = st.sampled_from(["ok"] * 8 + list(_BAD)).flatmap(lambda k: VISIBLE_TEXT if k == "ok" else _BAD[k])
+FIELD = st.sampled_from(["ok"] * 12 + list(_BAD)).flatmap(lambda k: VISIBLE_TEXT if k == "ok" else _BAD[k])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -93,8 +93,8 @@ def _text(strict: bool) -> st.SearchStrategy[Any]:
 
 _ROLE_OK = {"user": st.just("user"), "assistant": st.just("assistant"), "system": st.just("system")}
 _ROLE_ANY = {
-    "user": st.sampled_from(["user"] * 4 + ["system", "assistant", "bot", ""]),
-    "assistant": st.sampled_from(["assistant"] * 4 + ["user", "gpt"]),
+    "user": st.sampled_from(["user"] * 12 + ["system", "assistant", "bot", ""]),
+    "assistant": st.sampled_from(["assistant"] * 12 + ["user", "gpt"]),
     "system": st.just("system"),
 }
 
@@ -103,7 +103,7 @@ def _message(role: str, strict: bool) -> st.SearchStrategy[Any]:
     msg = st.fixed_dictionaries({"role": (_ROLE_OK if strict else _ROLE_ANY)[role], "content": _text(strict)})
     if strict:
         return msg
-    return st.sampled_from(["ok"] * 6 + ["junk", "no content"]).flatmap(
+    return st.sampled_from(["ok"] * 12 + ["junk", "no content"]).flatmap(
         lambda k: msg if k == "ok" else JUNK if k == "junk" else st.fixed_dictionaries({"role": FIELD}))
 
 
@@ -164,8 +164,8 @@ def conversational_rows(draw, strict: bool = False) -> dict[str, Any]:
 
 
 _SHAREGPT_OK = {"human": st.just("human"), "gpt": st.just("gpt")}
-_SHAREGPT_ANY = {"human": st.sampled_from(["human"] * 4 + ["user", "gpt", "robot"]),
-                 "gpt": st.sampled_from(["gpt"] * 4 + ["assistant", "human"])}
+_SHAREGPT_ANY = {"human": st.sampled_from(["human"] * 12 + ["user", "gpt", "robot"]),
+                 "gpt": st.sampled_from(["gpt"] * 12 + ["assistant", "human"])}
 
 
 @st.composite
@@ -173,7 +173,7 @@ def sharegpt_rows(draw, strict: bool = False) -> dict[str, Any]:
     roles = _SHAREGPT_OK if strict else _SHAREGPT_ANY
     turn = st.fixed_dictionaries({"from": roles["human"], "value": _text(strict)})
     if not strict:
-        turn = st.sampled_from(["ok"] * 6 + ["junk"]).flatmap(lambda k, t=turn: t if k == "ok" else JUNK)
+        turn = st.sampled_from(["ok"] * 12 + ["junk"]).flatmap(lambda k, t=turn: t if k == "ok" else JUNK)
     convo = draw(st.lists(turn, min_size=1, max_size=3))
     chosen, rejected = _maybe_same(draw, strict)
     row = {"conversations": convo, "chosen": {"from": draw(roles["gpt"]), "value": chosen},

@@ -100,6 +100,32 @@ def test_overwritten_bytes_are_named_or_read_as_valid_rows(folder, stories_token
     check()
 
 
+def test_generated_duplicate_keys_are_named_wherever_they_are(folder, stories_tokenizer):
+    """A key written twice, at any depth of any row (json.dumps cannot write one: the text is edited)."""
+
+    @settings(max_examples=examples(20))
+    @given(fmt=st.sampled_from(["standard", "conversational", "sharegpt"]), kind=st.sampled_from(["jsonl", "json"]),
+           data=st.data())
+    def check(fmt, kind, data):
+        rows = data.draw(st.lists(ROWS[fmt](strict=True), min_size=1, max_size=4))
+        at = data.draw(st.integers(0, len(rows) - 1))
+        target = data.draw(st.sampled_from([d for d in _dicts(rows[at]) if d]))
+        key = next(iter(target))
+        texts = [_dumps(r, target if i == at else None) for i, r in enumerate(rows)]
+        raw = ("\n".join(texts) + "\n") if kind == "jsonl" else "[" + ", ".join(texts) + "]"
+        path = write(folder, kind, raw.encode())
+        err = prepare(data_config(path), stories_tokenizer)
+        assert isinstance(err, DataError) and "duplicate key" in str(err), err
+        line, field = row_error(err)
+        assert line == at + 1 and field is not None
+        assert field.endswith(key if key.isprintable() else ascii(key)), (field, key)
+        skipped = prepare(data_config(path, on_bad_row="skip"), stories_tokenizer)
+        if not isinstance(skipped, DataError):
+            assert skipped.summary.dropped.get("bad row: duplicate key") == 1
+
+    check()
+
+
 _TYPED = {
     "string": (pa.string(), st.text(max_size=8)),
     "large_string": (pa.large_string(), st.text(max_size=8)),
@@ -157,6 +183,27 @@ def test_a_parquet_file_of_any_schema_gives_pairs_or_a_named_error(folder, stori
             check_prepared(result, cfg, stories_tokenizer)
 
     check()
+
+
+def _dicts(value) -> list[dict]:
+    """Every JSON object inside ``value``, itself included."""
+    if isinstance(value, dict):
+        return [value, *(d for v in value.values() for d in _dicts(v))]
+    if isinstance(value, list):
+        return [d for v in value for d in _dicts(v)]
+    return []
+
+
+def _dumps(value, twice: dict | None) -> str:
+    """JSON text of ``value`` where the object ``twice`` has its first key written twice."""
+    if isinstance(value, dict):
+        items = [f"{json.dumps(k)}: {_dumps(v, twice)}" for k, v in value.items()]
+        if value is twice:
+            items.insert(0, f"{json.dumps(next(iter(value)))}: 0")
+        return "{" + ", ".join(items) + "}"
+    if isinstance(value, list):
+        return "[" + ", ".join(_dumps(v, twice) for v in value) + "]"
+    return json.dumps(value)
 
 
 def _token_drops(result) -> dict[str, int]:
@@ -261,6 +308,13 @@ def test_a_parquet_string_that_is_not_utf8_is_a_data_error(folder, stories_token
     raw[raw.index(b"MARKER")] = 0x80
     err = prepare(data_config(write(folder, "parquet", bytes(raw))), stories_tokenizer)
     assert "parquet: cannot read Parquet: 'utf-8' codec can't decode byte 0x80" in str(err)
+
+
+def test_an_eval_fraction_that_leaves_no_training_pair_names_the_file(folder, stories_tokenizer):
+    """Was 'eval_fraction 0.5 of 1 pairs leaves no training pairs', without the file."""
+    path = write(folder, "jsonl", encode_file("jsonl", [GOOD]))
+    err = prepare(data_config(path, eval_fraction=0.5), stories_tokenizer)
+    assert str(err) == f"{path}: eval_fraction 0.5 of 1 pairs leaves no training pairs"
 
 
 def test_no_pair_left_after_tokenization_is_a_data_error(folder, stories_tokenizer):

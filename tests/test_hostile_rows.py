@@ -47,10 +47,12 @@ def folder(tmp_path_factory):
 def test_any_rows_give_valid_pairs_or_one_named_error(fmt, folder, stories_tokenizer):
     @settings(max_examples=examples(25))
     @given(rows=st.lists(ROWS[fmt](), min_size=1, max_size=6), kind=st.sampled_from(KINDS),
-           skip=st.booleans(), template=st.sampled_from(TEMPLATES), min_response=st.sampled_from([1, 3]))
-    def check(rows, kind, skip, template, min_response):
+           skip=st.booleans(), template=st.sampled_from(TEMPLATES), min_response=st.sampled_from([1, 3]),
+           eval_fraction=st.sampled_from([0.0, 0.0, 0.4]))
+    def check(rows, kind, skip, template, min_response, eval_fraction):
         path = write(folder, kind, encode_file(kind, rows))
-        cfg = data_config(path, on_bad_row="skip" if skip else "error", min_response_tokens=min_response)
+        cfg = data_config(path, on_bad_row="skip" if skip else "error", min_response_tokens=min_response,
+                          eval_fraction=eval_fraction)
         result = prepare(cfg, stories_tokenizer, template)
         if not isinstance(result, DataError):
             check_prepared(result, cfg, stories_tokenizer)

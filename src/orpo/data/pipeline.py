@@ -203,7 +203,10 @@ def _build(cfg: DataConfig, tokenizer, template: ChatTemplate, seed: int, fp: st
         norms.append(eval_norm)
         train_pairs, eval_pairs = pairs, eval_norm.pairs
     elif cfg.eval_fraction > 0:
-        train_pairs, eval_pairs = split_eval(pairs, cfg.eval_fraction, seed)
+        try:
+            train_pairs, eval_pairs = split_eval(pairs, cfg.eval_fraction, seed)
+        except DataError as err:
+            raise DataError(f"{cfg.train}: {err}") from err
     else:
         train_pairs, eval_pairs = pairs, None
 

@@ -17,6 +17,7 @@ import io
 import json
 import re
 import zlib
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -196,12 +197,12 @@ def _key(key: str) -> str:
     return key if key.isprintable() else ascii(key)
 
 
-def _row(value: Any, what: str) -> dict[str, Any] | UnreadableRow:
+def _row(value: Any) -> dict[str, Any] | UnreadableRow:
     if not isinstance(value, dict):
         return UnreadableRow(f"expected a JSON object, got {type(value).__name__}", "not an object")
     duplicate = _duplicate_key(value)
     if duplicate is not None:
-        return UnreadableRow(f"duplicate key in the {what} (JSON keeps only the last value)", "duplicate key",
+        return UnreadableRow("duplicate key: given twice, JSON would keep only the last value", "duplicate key",
                              field=clip(duplicate))
     return value
 
@@ -215,7 +216,7 @@ def _read_jsonl(raw: bytes, name: str) -> RowSource:
         if not line.strip():
             continue
         try:
-            row = _row(_parse_json(line), "line")
+            row = _row(_parse_json(line))
         except json.JSONDecodeError as err:
             cut = " (the file ends inside this line: is it cut short?)" if line_no == len(lines) else ""
             row = UnreadableRow(f"malformed JSON: {err}{cut}", "malformed JSON")
@@ -238,30 +239,30 @@ def _read_json(raw: bytes, name: str) -> RowSource:
             f"{name}: expected a top-level JSON list of rows, got {type(data).__name__} "
             "(for one object per line, use a .jsonl file)"
         )
-    return RowSource(name=name, rows=[_row(row, "row") for row in data])
+    return RowSource(name=name, rows=[_row(row) for row in data])
 
 
 def _read_csv(raw: bytes, name: str) -> RowSource:
     reader = csv.reader(io.StringIO(_decode(raw, name), newline=""))
     old_limit = csv.field_size_limit(2**31 - 1)  # the default 128 KiB would refuse a long response
     try:
-        header = next(reader, None)
+        header = next(reader, [])
+        duplicates = [repr(c) for c, n in Counter(header).items() if n > 1]
+        if duplicates:
+            raise DataError(f"{name}: the header names column(s) {clip(', '.join(duplicates))} more than once")
         rows: list[dict[str, Any] | UnreadableRow] = []
         for fields in reader:
             if not fields:
                 continue  # a blank line, as csv.DictReader skips it
-            if len(fields) != len(header or ()):
-                rows.append(UnreadableRow(f"{len(fields)} fields, but the header has {len(header or ())}",
+            if len(fields) != len(header):
+                rows.append(UnreadableRow(f"{len(fields)} fields, but the header has {len(header)}",
                                           "wrong field count"))
             else:
-                rows.append(dict(zip(header or (), fields, strict=True)))
+                rows.append(dict(zip(header, fields, strict=True)))
     except csv.Error as err:
         raise DataError(f"{name} line {reader.line_num}: malformed CSV: {err}") from err
     finally:
         csv.field_size_limit(old_limit)
-    duplicates = sorted({c for c in header or () if (header or []).count(c) > 1})
-    if duplicates:
-        raise DataError(f"{name}: the header names column(s) {clip(', '.join(map(repr, duplicates)))} more than once")
     return RowSource(name=name, rows=rows)
 
 

@@ -11,9 +11,10 @@ Truncation never leaves a response empty: the prompt is cut from the left to its
 BOS, keeping its end, the generation prompt), then each response is cut from the right to what
 is left of ``max_length``; a pair whose response keeps fewer than ``min_response_tokens`` tokens
 is dropped with a reason, never kept empty; so is a pair whose two sequences come out as the same
-tokens (responses that differ only past the cut, or only in what the template trims). The budget is ``max_prompt_length`` when set;
-otherwise it adapts per pair: whatever the longer response leaves of ``max_length``, but never
-less than half of it, so neither a long prompt nor a long response squeezes the other to nothing.
+tokens (responses that differ only past the cut, or only in what the template trims). The budget
+is ``max_prompt_length`` when set; otherwise it adapts per pair: whatever the longer response
+leaves of ``max_length``, but never less than half of it, so neither a long prompt nor a long
+response squeezes the other to nothing.
 """
 
 from __future__ import annotations
