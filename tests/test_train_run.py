@@ -182,7 +182,7 @@ def test_nan_steps_are_skipped_and_too_many_stop_the_run(tmp_path, stories_dir, 
                 max_bad_steps=2, save_every=2)
     trainer = Trainer(stop, progress=False).setup()
     _poison_logits(trainer, {3, 4, 5, 6})
-    with pytest.raises(TrainingDiverged, match=r"step 4: 2 steps in a row.*checkpoints/step-2"):
+    with pytest.raises(TrainingDiverged, match=r"steps 3 to 4 \(2 in a row.*checkpoints/step-2"):
         trainer.train()
     assert [p.name for p in list_checkpoints(tmp_path / "stop")] == ["step-2"]
     assert not (tmp_path / "stop" / "final").exists()

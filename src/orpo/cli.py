@@ -1,7 +1,8 @@
 """The `orpo` command line: train, preprocess, eval, generate, merge, checkpoints, config-doc.
 
-Every command reports bad input (configuration, data) as one clear message on stderr and exit
-status 2, without a traceback; anything else is a bug and keeps its traceback.
+Every command reports an expected failure (bad configuration or data, a diverged run) as one clear
+message on stderr and its own exit status (``EXIT_*`` below), without a traceback; anything else
+is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -12,8 +13,16 @@ import os
 import sys
 from collections.abc import Sequence
 
-EXIT_USAGE = 2  # bad configuration or data: one message, nothing trained
-EXIT_STOPPED = 4  # stopped before the last step when asked (a signal): resume with train.resume=auto
+EXIT_USAGE = 2  # bad input: configuration, data or arguments
+EXIT_DIVERGED = 3  # training stopped: train.max_bad_steps non-finite steps in a row (TrainingDiverged)
+EXIT_STOPPED = 4  # stopped before the last step when asked (a signal), after a checkpoint: resume to go on
+EXIT_SAVE_FAILED = 5  # reserved: a checkpoint or the final model could not be written (disk full, I/O)
+
+EXIT_EPILOG = f"""\
+exit status: 0 success, {EXIT_USAGE} bad configuration or data, {EXIT_DIVERGED} training diverged (non-finite
+steps; the message names the checkpoint to resume from), {EXIT_STOPPED} stopped early by a signal after a
+checkpoint (resume with train.resume=auto), {EXIT_SAVE_FAILED} a save failed (reserved), 130 interrupted.
+"""
 
 TRAIN_EPILOG = """\
 CONFIG is a YAML file with sections model, data, orpo, train; any key can be overridden with
@@ -59,10 +68,11 @@ def _rank_tag() -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="orpo", description="ORPO preference training for causal language models.")
+    p = argparse.ArgumentParser(prog="orpo", description="ORPO preference training for causal language models.",
+                                epilog=EXIT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
-    t = sub.add_parser("train", help="train from a YAML config", epilog=TRAIN_EPILOG,
+    t = sub.add_parser("train", help="train from a YAML config", epilog=TRAIN_EPILOG + "\n" + EXIT_EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     t.add_argument("config", help="YAML configuration file")
     t.add_argument("overrides", nargs="*", metavar="key.path=value", help="dotted overrides")
@@ -114,10 +124,15 @@ def _parser() -> argparse.ArgumentParser:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from orpo.config import load_config
-    from orpo.train import train
+    from orpo.train import TrainingDiverged, train
 
     cfg = load_config(args.config, args.overrides)
-    train(cfg)
+    try:
+        train(cfg)
+    except TrainingDiverged as e:
+        if os.environ.get("RANK", "0") == "0":  # every process stops the same way: say it once
+            print(f"orpo train: error: {e}", file=sys.stderr)
+        return EXIT_DIVERGED
     return 0
 
 

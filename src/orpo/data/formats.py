@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypedDict
 
-from orpo.data.sources import DataError, RowSource
+from orpo.data.sources import DataError, RowSource, UnreadableRow, clip
 
 __all__ = [
     "FORMATS",
@@ -68,8 +68,8 @@ class RowError(DataError):
     4 of 1,800 in harmless-dev), a known artifact of that data rather than a broken file.
     """
 
-    def __init__(self, field: str, reason: str, kind: str, always_skip: bool = False) -> None:
-        super().__init__(f"field '{field}': {reason}")
+    def __init__(self, field: str | None, reason: str, kind: str, always_skip: bool = False) -> None:
+        super().__init__(f"field '{field}': {reason}" if field is not None else reason)
         self.field = field
         self.reason = reason
         self.kind = kind
@@ -136,7 +136,7 @@ def detect_format(row: Mapping[str, Any], columns: ColumnMap | None = None) -> s
         return "standard" if "prompt" in keys else "implicit"
     if known_columns(row) is not None:
         return "columns"
-    raise DataError(f"cannot tell the row format from its keys {sorted(keys)}; expected {FORMAT_HELP}")
+    raise DataError(f"cannot tell the row format from its keys {_keys(row)}; expected {FORMAT_HELP}")
 
 
 def known_columns(row: Mapping[str, Any]) -> dict[str, str] | None:
@@ -150,8 +150,10 @@ def known_columns(row: Mapping[str, Any]) -> dict[str, str] | None:
 # ---------------------------------------------------------------- normalization
 
 
-def to_pair(row: Mapping[str, Any], fmt: str, columns: ColumnMap | None = None) -> Pair:
+def to_pair(row: Mapping[str, Any] | UnreadableRow, fmt: str, columns: ColumnMap | None = None) -> Pair:
     """Convert one row of format ``fmt`` (or ``auto``) to a Pair; a bad row raises ``RowError``."""
+    if isinstance(row, UnreadableRow):
+        raise RowError(row.field, row.reason, row.kind)
     if fmt == "auto":
         fmt = detect_format(row, columns)
     if fmt not in CONVERTERS:
@@ -176,14 +178,16 @@ def normalize(
         raise ValueError(f"on_bad_row must be 'error' or 'skip', not {on_bad_row!r}")
     if not source.rows:
         raise DataError(f"{source.name}: no rows")
-    first = source.rows[0]
-    try:
-        if fmt == "auto":
-            fmt = detect_format(first, columns)
-        if fmt == "columns":
-            columns = _column_map(first, columns)
-    except DataError as err:
-        raise DataError(f"{source.name}: {err}") from err
+    # the format is told from the first readable row; unreadable ones are reported in the loop
+    first = next((r for r in source.rows if not isinstance(r, UnreadableRow)), None)
+    if first is not None:
+        try:
+            if fmt == "auto":
+                fmt = detect_format(first, columns)
+            if fmt == "columns":
+                columns = _column_map(first, columns)
+        except DataError as err:
+            raise DataError(f"{source.name}: {err}") from err
 
     pairs: list[Pair] = []
     skipped: Counter[str] = Counter()
@@ -246,7 +250,8 @@ def _implicit(row: Mapping[str, Any], columns: ColumnMap | None) -> Pair:
 
 
 def _conversational(row: Mapping[str, Any], columns: ColumnMap | None) -> Pair:
-    if "chosen_messages" in row or "rejected_messages" in row:
+    # a null counts as absent: a Parquet file with rows of several shapes has every column in every row
+    if row.get("chosen_messages") is not None or row.get("rejected_messages") is not None:
         return _from_conversations(row, "chosen_messages", "rejected_messages")
     if isinstance(row.get("prompt"), list):
         prompt = _prompt_messages(_messages(row["prompt"], "prompt"), "prompt")
@@ -287,7 +292,7 @@ def _column_map(row: Mapping[str, Any], columns: ColumnMap | None) -> ColumnMap:
     if mapping is None:
         raise DataError(
             f"format 'columns' needs a mapping {{prompt, chosen, rejected}} (data.columns); "
-            f"the row has keys {sorted(row)}"
+            f"the row has keys {_keys(row)}"
         )
     missing = [k for k in ("prompt", "chosen", "rejected") if not isinstance(mapping.get(k), str)]
     if missing:
@@ -315,13 +320,22 @@ def _pair(prompt: str | list[Message], chosen: str, rejected: str) -> Pair:
 def _get(mapping: Mapping[str, Any], key: str, path: str | None = None) -> Any:
     if key not in mapping:
         path = f"{path}.{key}" if path else key
-        raise RowError(path, f"missing (keys present: {sorted(mapping)})", "missing field")
+        raise RowError(path, f"missing (keys present: {_keys(mapping)})", "missing field")
     return mapping[key]
 
 
 def _text(value: Any, field: str) -> str:
     if not isinstance(value, str):
         raise RowError(field, f"expected a string, got {_type(value)}", "not a string")
+    if not value.isascii():
+        # A JSON escape such as "\ud800" gives a lone surrogate: no tokenizer or Arrow column takes it.
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise RowError(
+                field, f"not valid Unicode: lone surrogate {value[err.start]!r} at character {err.start}",
+                "invalid unicode",
+            ) from None
     return value
 
 
@@ -330,6 +344,10 @@ def _response(value: Any, field: str) -> str:
     if not text.strip():
         raise RowError(field, "empty response", "empty response")
     return text
+
+
+def _keys(row: Mapping[Any, Any]) -> str:
+    return clip(repr(sorted(row, key=str)))
 
 
 def _type(value: Any) -> str:
@@ -348,7 +366,7 @@ def _message(value: Any, field: str) -> Message:
     role = _text(_get(value, "role", field), f"{field}.role")
     if role not in ROLES:
         raise RowError(
-            f"{field}.role", f"unknown role {role!r}; expected one of {', '.join(ROLES)}", "unknown role"
+            f"{field}.role", f"unknown role {clip(repr(role))}; expected one of {', '.join(ROLES)}", "unknown role"
         )
     return Message(role=role, content=_content(_get(value, "content", field), f"{field}.content"))
 
@@ -363,7 +381,7 @@ def _content(value: Any, field: str) -> str:
         if not isinstance(part, Mapping):
             raise RowError(where, f"expected a content part {{type, text}}, got {_type(part)}", "bad message")
         if part.get("type", "text") != "text":
-            raise RowError(where, f"unsupported content type {part['type']!r}; only text", "non-text content")
+            raise RowError(where, f"unsupported content type {clip(repr(part['type']))}; only text", "non-text content")
         key = "text" if "text" in part else "value"
         texts.append(_text(_get(part, key, where), f"{where}.{key}"))
     return "".join(texts)
@@ -376,7 +394,7 @@ def _sharegpt_message(value: Any, field: str) -> Message:
     role = SHAREGPT_ROLES.get(speaker)
     if role is None:
         known = ", ".join(SHAREGPT_ROLES)
-        raise RowError(f"{field}.from", f"unknown role {speaker!r}; expected one of {known}", "unknown role")
+        raise RowError(f"{field}.from", f"unknown role {clip(repr(speaker))}; expected one of {known}", "unknown role")
     return Message(role=role, content=_text(_get(value, "value", field), f"{field}.value"))
 
 

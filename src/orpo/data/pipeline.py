@@ -40,7 +40,7 @@ from orpo.data.tokenize import (
 
 logger = logging.getLogger(__name__)
 
-PIPELINE_VERSION = 2  # bump when rendering, tokenization or truncation changes its output
+PIPELINE_VERSION = 3  # bump when rendering, tokenization or truncation changes its output
 LENGTH_KEYS = ("prompt", "chosen", "rejected", "sequence")
 PERCENTILES = (50, 90, 99)
 
@@ -203,7 +203,10 @@ def _build(cfg: DataConfig, tokenizer, template: ChatTemplate, seed: int, fp: st
         norms.append(eval_norm)
         train_pairs, eval_pairs = pairs, eval_norm.pairs
     elif cfg.eval_fraction > 0:
-        train_pairs, eval_pairs = split_eval(pairs, cfg.eval_fraction, seed)
+        try:
+            train_pairs, eval_pairs = split_eval(pairs, cfg.eval_fraction, seed)
+        except DataError as err:
+            raise DataError(f"{cfg.train}: {err}") from err
     else:
         train_pairs, eval_pairs = pairs, None
 
@@ -217,6 +220,12 @@ def _build(cfg: DataConfig, tokenizer, template: ChatTemplate, seed: int, fp: st
     stats = {c: np.concatenate([np.asarray(d[c]) for d in tokenized]) for c in STAT_COLUMNS}
     train, train_drops = _drop(train_tok)
     evalset, eval_drops = _drop(eval_tok) if eval_tok is not None else (None, {})
+    # an empty set would hang the training loop or give NaN metrics: say why now, with the drops
+    if len(train) == 0:
+        raise DataError(f"{cfg.train}: no training pair left after tokenization{_why(train_drops, limits)}")
+    if evalset is not None and len(evalset) == 0:
+        eval_name = cfg.eval or f"the eval_fraction split of {cfg.train}"
+        raise DataError(f"{eval_name}: no eval pair left after tokenization{_why(eval_drops, limits)}")
 
     dropped: dict[str, int] = {}
     for norm in norms:
@@ -243,6 +252,12 @@ def _build(cfg: DataConfig, tokenizer, template: ChatTemplate, seed: int, fp: st
         first_errors=[e for n in norms for e in n.first_errors][:5],
     )
     return PreparedData(train=train, eval=evalset, summary=summary, template=template, fingerprint=fp)
+
+
+def _why(drops: dict[str, int], limits: Limits) -> str:
+    counts = ", ".join(f"{reason}: {n}" for reason, n in sorted(drops.items(), key=lambda kv: -kv[1]))
+    return (f" (dropped {counts}; data.max_length is {limits.max_length}, data.min_response_tokens "
+            f"{limits.min_response_tokens})") if counts else ""
 
 
 def _normalize(source: RowSource, cfg: DataConfig, columns: dict[str, str] | None) -> NormalizedRows:

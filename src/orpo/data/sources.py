@@ -2,6 +2,11 @@
 
 Local files keep their physical line numbers (JSON Lines) or row numbers so that every later
 error can say exactly where the bad row is: ``train.jsonl line 17``, ``data.json row 5``.
+
+A row that cannot be read as a mapping (a malformed JSON line, a duplicate key, a CSV row with
+the wrong number of fields) keeps its place as an ``UnreadableRow``, so ``normalize`` stops at it
+or skips and counts it like any other bad row (``data.on_bad_row``). A problem with the file as
+a whole (not UTF-8, a damaged gzip stream or Parquet file, a duplicate column) is a ``DataError``.
 """
 
 from __future__ import annotations
@@ -11,6 +16,8 @@ import gzip
 import io
 import json
 import re
+import zlib
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,12 +35,21 @@ class DataFileNotFoundError(DataError, FileNotFoundError):
     """A local data path that does not exist (both a DataError and a FileNotFoundError)."""
 
 
+@dataclass(frozen=True)
+class UnreadableRow:
+    """A row the reader could not turn into a mapping; ``field`` names the key at fault, if one is."""
+
+    reason: str
+    kind: str  # what skipped rows are counted by
+    field: str | None = None
+
+
 @dataclass
 class RowSource:
     """Rows read from one source, plus how to point at each of them in messages."""
 
     name: str
-    rows: list[dict[str, Any]]
+    rows: list[dict[str, Any] | UnreadableRow]
     line_numbers: list[int] | None = None  # physical 1-based lines, for JSON Lines only
 
     def where(self, i: int) -> str:
@@ -44,6 +60,11 @@ class RowSource:
 
     def __len__(self) -> int:
         return len(self.rows)
+
+
+def clip(text: str, limit: int = 120) -> str:
+    """``text`` cut to ``limit`` characters, for quoting a row's own text (a key, a role) in a message."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def load_rows(spec: str, split: str = "train", subset: str | None = None) -> RowSource:
@@ -116,7 +137,7 @@ def read_file(path: Path, name: str | None = None) -> RowSource:
         )
     try:
         raw = _read_bytes(path)
-    except (OSError, EOFError) as err:  # gzip.BadGzipFile is an OSError
+    except (OSError, EOFError, zlib.error) as err:  # gzip.BadGzipFile is an OSError; a damaged stream is zlib's
         raise DataError(f"{name}: cannot read: {err}") from err
     return _READERS[suffix](raw, name)
 
@@ -132,22 +153,75 @@ def _decode(raw: bytes, name: str) -> str:
     try:
         return raw.decode("utf-8-sig")  # tolerate a byte-order mark, common in exported CSV/JSON
     except UnicodeDecodeError as err:
-        raise DataError(f"{name}: not valid UTF-8 text ({err})") from err
+        line = raw.count(b"\n", 0, err.start) + 1
+        raise DataError(f"{name}: not valid UTF-8 text (line {line}: {err})") from err
+
+
+class _DuplicateKeyDict(dict):
+    """A JSON object that had a key twice (``json`` keeps the last silently): which key."""
+
+    duplicate: str
+
+
+def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) == len(pairs):
+        return obj
+    keys = [k for k, _ in pairs]
+    marked = _DuplicateKeyDict(obj)
+    marked.duplicate = next(k for i, k in enumerate(keys) if k in keys[:i])
+    return marked
+
+
+def _parse_json(text: str) -> Any:
+    """``json.loads`` that marks objects with a duplicate key (see ``_duplicate_key``)."""
+    return json.loads(text, object_pairs_hook=_object)
+
+
+def _duplicate_key(row: dict[str, Any]) -> str | None:
+    """The path of the first key given twice anywhere in ``row`` (``prompt[1].content``), or None."""
+    stack: list[tuple[Any, str]] = [(row, "")]
+    while stack:
+        value, path = stack.pop()
+        if isinstance(value, _DuplicateKeyDict):
+            return f"{path}.{_key(value.duplicate)}" if path else _key(value.duplicate)
+        if isinstance(value, dict):
+            stack.extend((v, f"{path}.{_key(k)}" if path else _key(k)) for k, v in reversed(value.items()))
+        elif isinstance(value, list):
+            stack.extend((v, f"{path}[{i}]") for i, v in reversed(list(enumerate(value))))
+    return None
+
+
+def _key(key: str) -> str:
+    """A key as a message can show it: quoted when it holds control characters or lone surrogates."""
+    return key if key.isprintable() else ascii(key)
+
+
+def _row(value: Any) -> dict[str, Any] | UnreadableRow:
+    if not isinstance(value, dict):
+        return UnreadableRow(f"expected a JSON object, got {type(value).__name__}", "not an object")
+    duplicate = _duplicate_key(value)
+    if duplicate is not None:
+        return UnreadableRow("duplicate key: given twice, JSON would keep only the last value", "duplicate key",
+                             field=clip(duplicate))
+    return value
 
 
 def _read_jsonl(raw: bytes, name: str) -> RowSource:
-    rows: list[dict[str, Any]] = []
+    rows: list[dict[str, Any] | UnreadableRow] = []
     line_numbers: list[int] = []
     # split on "\n" only: str.splitlines() would also break at U+2028 inside JSON strings
-    for line_no, line in enumerate(_decode(raw, name).split("\n"), start=1):
+    lines = _decode(raw, name).split("\n")
+    for line_no, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
+            row = _row(_parse_json(line))
         except json.JSONDecodeError as err:
-            raise DataError(f"{name} line {line_no}: malformed JSON: {err}") from err
-        if not isinstance(row, dict):
-            raise DataError(f"{name} line {line_no}: expected a JSON object, got {type(row).__name__}")
+            cut = " (the file ends inside this line: is it cut short?)" if line_no == len(lines) else ""
+            row = UnreadableRow(f"malformed JSON: {err}{cut}", "malformed JSON")
+        except RecursionError:
+            row = UnreadableRow("malformed JSON: nested too deeply to parse", "malformed JSON")
         rows.append(row)
         line_numbers.append(line_no)
     return RowSource(name=name, rows=rows, line_numbers=line_numbers)
@@ -155,25 +229,40 @@ def _read_jsonl(raw: bytes, name: str) -> RowSource:
 
 def _read_json(raw: bytes, name: str) -> RowSource:
     try:
-        data = json.loads(_decode(raw, name))
+        data = _parse_json(_decode(raw, name))
     except json.JSONDecodeError as err:
         raise DataError(f"{name}: malformed JSON: {err}") from err
+    except RecursionError as err:
+        raise DataError(f"{name}: malformed JSON: nested too deeply to parse") from err
     if not isinstance(data, list):
         raise DataError(
             f"{name}: expected a top-level JSON list of rows, got {type(data).__name__} "
             "(for one object per line, use a .jsonl file)"
         )
-    for i, row in enumerate(data):
-        if not isinstance(row, dict):
-            raise DataError(f"{name} row {i + 1}: expected a JSON object, got {type(row).__name__}")
-    return RowSource(name=name, rows=data)
+    return RowSource(name=name, rows=[_row(row) for row in data])
 
 
 def _read_csv(raw: bytes, name: str) -> RowSource:
+    reader = csv.reader(io.StringIO(_decode(raw, name), newline=""))
+    old_limit = csv.field_size_limit(2**31 - 1)  # the default 128 KiB would refuse a long response
     try:
-        rows = list(csv.DictReader(io.StringIO(_decode(raw, name), newline="")))
+        header = next(reader, [])
+        duplicates = [repr(c) for c, n in Counter(header).items() if n > 1]
+        if duplicates:
+            raise DataError(f"{name}: the header names column(s) {clip(', '.join(duplicates))} more than once")
+        rows: list[dict[str, Any] | UnreadableRow] = []
+        for fields in reader:
+            if not fields:
+                continue  # a blank line, as csv.DictReader skips it
+            if len(fields) != len(header):
+                rows.append(UnreadableRow(f"{len(fields)} fields, but the header has {len(header)}",
+                                          "wrong field count"))
+            else:
+                rows.append(dict(zip(header, fields, strict=True)))
     except csv.Error as err:
-        raise DataError(f"{name}: malformed CSV: {err}") from err
+        raise DataError(f"{name} line {reader.line_num}: malformed CSV: {err}") from err
+    finally:
+        csv.field_size_limit(old_limit)
     return RowSource(name=name, rows=rows)
 
 
@@ -182,10 +271,36 @@ def _read_parquet(raw: bytes, name: str) -> RowSource:
     import pyarrow.parquet as pq
 
     try:
-        table = pq.read_table(pa.BufferReader(raw))
-    except (pa.ArrowException, OSError) as err:
-        raise DataError(f"{name}: cannot read Parquet: {err}") from err
-    return RowSource(name=name, rows=table.to_pylist())
+        file = pq.ParquetFile(pa.BufferReader(raw))
+        # checked before reading: Arrow refuses a duplicate column with a message listing the whole schema
+        duplicate = _duplicate_column(file.schema_arrow)
+        rows = file.read().to_pylist() if duplicate is None else []
+    except (pa.ArrowException, OSError, UnicodeDecodeError) as err:  # a damaged string page fails to decode
+        reason = " ".join(str(err).split())  # Arrow's messages can span lines
+        raise DataError(f"{name}: cannot read Parquet: {reason}") from err
+    if duplicate is not None:
+        raise DataError(f"{name}: the Parquet schema has column {clip(repr(duplicate))} more than once")
+    return RowSource(name=name, rows=list(rows))
+
+
+def _duplicate_column(schema) -> str | None:
+    """The path of a field name given twice in ``schema`` (top level or inside a struct), or None."""
+    import pyarrow as pa
+
+    stack: list[tuple[list, str]] = [(list(schema), "")]
+    while stack:
+        fields, path = stack.pop()
+        names = [f.name for f in fields]
+        for f in fields:
+            where = f"{path}.{f.name}" if path else f.name
+            if names.count(f.name) > 1:
+                return where
+            t = f.type
+            while pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
+                t = t.value_type
+            if pa.types.is_struct(t):
+                stack.append(([t.field(i) for i in range(t.num_fields)], where))
+    return None
 
 
 _READERS: dict[str, Callable[[bytes, str], RowSource]] = {

@@ -10,9 +10,11 @@ end with it, so neither is ever doubled.
 Truncation never leaves a response empty: the prompt is cut from the left to its budget (after
 BOS, keeping its end, the generation prompt), then each response is cut from the right to what
 is left of ``max_length``; a pair whose response keeps fewer than ``min_response_tokens`` tokens
-is dropped with a reason, never kept empty. The budget is ``max_prompt_length`` when set;
-otherwise it adapts per pair: whatever the longer response leaves of ``max_length``, but never
-less than half of it, so neither a long prompt nor a long response squeezes the other to nothing.
+is dropped with a reason, never kept empty; so is a pair whose two sequences come out as the same
+tokens (responses that differ only past the cut, or only in what the template trims). The budget
+is ``max_prompt_length`` when set; otherwise it adapts per pair: whatever the longer response
+leaves of ``max_length``, but never less than half of it, so neither a long prompt nor a long
+response squeezes the other to nothing.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ PAIR_COLUMNS = ("prompt", "messages", "chosen", "rejected")
 # drop reasons
 RESPONSE_TOO_SHORT = "response_too_short"  # fewer than min_response_tokens even untruncated
 NO_ROOM_FOR_RESPONSE = "no_room_for_response"  # the cut prompt leaves < min_response_tokens of max_length
+IDENTICAL_TOKENS = "identical_tokens"  # chosen and rejected are the same sequence: no preference to learn
 
 
 @dataclass(frozen=True)
@@ -177,15 +180,18 @@ def truncate_pair(
     c_keep = max(0, limits.max_length - len(c_prompt))
     r_keep = max(0, limits.max_length - len(r_prompt))
     truncated = cut > 0 or len(c_resp) > c_keep or len(r_resp) > r_keep
+    chosen_ids, rejected_ids = c_prompt + c_resp[:c_keep], r_prompt + r_resp[:r_keep]
     reason = ""
     if min(len(c_resp), len(r_resp)) < limits.min_response_tokens:
         reason = RESPONSE_TOO_SHORT
     elif min(c_keep, r_keep) < limits.min_response_tokens:
         reason = NO_ROOM_FOR_RESPONSE
+    elif chosen_ids == rejected_ids:
+        reason = IDENTICAL_TOKENS
     return EncodedPair(
-        chosen_input_ids=c_prompt + c_resp[:c_keep],
+        chosen_input_ids=chosen_ids,
         chosen_prompt_len=len(c_prompt),
-        rejected_input_ids=r_prompt + r_resp[:r_keep],
+        rejected_input_ids=rejected_ids,
         rejected_prompt_len=len(r_prompt),
         prompt_tokens=max(c_bound, r_bound),
         chosen_tokens=len(c_resp),

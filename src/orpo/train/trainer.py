@@ -14,13 +14,16 @@ the token and pair counts of the whole optimizer step, over all micro-batches an
 
 Reproducible: the data order is a pure function of (seed, epoch), every RNG is checkpointed, so
 the same config gives the same metrics and a resumed run continues the uninterrupted one step for
-step. A step with a non-finite loss or gradient norm is skipped, not applied (``_optimizer_step``).
+step. A step with a non-finite loss or gradient norm is skipped, not applied (``_optimizer_step``);
+no checkpoint is written during a streak of them (``_save_due``), and too long a streak stops the
+run naming the last checkpoint from before it (``_check_divergence``).
 The loop syncs with the device once per optimizer step (that finiteness check) and reads the
 metrics back only on logged steps.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -61,7 +64,14 @@ class TrainData(Protocol):
 
 
 class TrainingDiverged(RuntimeError):
-    """Too many consecutive steps with a non-finite loss or gradient norm."""
+    """Too many consecutive steps with a non-finite loss or gradient norm.
+
+    ``checkpoint`` is the newest checkpoint written before the streak began (None if there is none).
+    """
+
+    def __init__(self, message: str, checkpoint: Path | None = None) -> None:
+        super().__init__(message)
+        self.checkpoint = checkpoint
 
 
 class TrainingStopped(RuntimeError):
@@ -270,6 +280,11 @@ class Trainer:
     def _setup_accelerator(self) -> None:
         self.engine = build_engine(self.cfg)
         self.accelerator = self.engine.accelerator
+        if self.accelerator.mixed_precision == "fp16" and self.accelerator.device.type == "cpu":
+            # Accelerate turns fp16 off on the CPU without a word (no autocast, no GradScaler), so the
+            # run would be fp32. torch has both there: turn them on before prepare() wraps the model.
+            self.accelerator.native_amp = True
+            self.accelerator.scaler = torch.amp.GradScaler("cpu")
         self.is_main = self.accelerator.is_main_process
         set_seed(self.cfg.train.seed)
         self._print(self.engine.describe())
@@ -393,6 +408,7 @@ class Trainer:
                     self.evaluate()
                 stream = self._micro_batches()
                 row = None
+                self._save_deferred = False
                 while self.state.step < self.total_steps:
                     fetched = [next(stream) for _ in range(t.grad_accum)]
                     step_started = time.perf_counter()
@@ -404,7 +420,7 @@ class Trainer:
                     self._check_divergence()
                     if self._due(t.eval_every) and self.eval_data is not None:
                         self.evaluate()
-                    if self._due(t.save_every):
+                    if self._save_due():
                         self.save_checkpoint()
                     self._notify("on_step", logged)
                     if self.stop_request is not None:
@@ -541,17 +557,52 @@ class Trainer:
         self.log(row)
         return row
 
+    def _save_due(self) -> bool:
+        """Whether to write a checkpoint now. One due during a streak of skipped (non-finite) steps is
+        deferred to the first finite step after it, so every checkpoint holds a state that just took
+        a finite step and a streak never rotates the last good checkpoint away."""
+        self._save_deferred = self._save_deferred or self._due(self.cfg.train.save_every)
+        if not self._save_deferred or self.state.bad_in_a_row:
+            return False
+        self._save_deferred = False
+        return True
+
     def _check_divergence(self) -> None:
-        n = self.state.bad_in_a_row
-        if n < self.cfg.train.max_bad_steps:
+        n, t = self.state.bad_in_a_row, self.cfg.train
+        if n < t.max_bad_steps:
             return
-        kept = ckpt.list_checkpoints(self.output_dir)
-        where = f"the last good checkpoint is {kept[-1]}" if kept else "no checkpoint was written (set train.save_every)"
+        first = self.state.step - n + 1
+        good, suspect = self._checkpoint_before(first)
+        where = (f"the last checkpoint written before them is {good}" if good is not None
+                 else f"no checkpoint was written before step {first}")
+        if suspect is not None:
+            where += f" (not {suspect}: no step after resuming from it was finite, so it may be damaged)"
+        fixes = [f"lower train.learning_rate (now {t.learning_rate:g}; try {t.learning_rate / 10:g})"]
+        if t.max_grad_norm is None:
+            fixes.append("set train.max_grad_norm (now off; 1.0 is usual)")
+        if t.mixed_precision == "fp16" or self.cfg.model.dtype == "float16":
+            fixes.append("train in bf16 or float32 instead of float16 (train.mixed_precision, model.dtype)")
+        resume = f", then resume with train.resume={good}" if good is not None else (
+            "" if t.save_every else "; set train.save_every to keep checkpoints to resume from")
         raise TrainingDiverged(
-            f"stopped at step {self.state.step}: {n} steps in a row had a non-finite loss or gradient norm "
-            f"(train.max_bad_steps = {self.cfg.train.max_bad_steps}); {where}. Lower train.learning_rate, keep "
-            "train.max_grad_norm set, or train in float32/bf16 instead of fp16."
+            f"training diverged: steps {first} to {self.state.step} ({n} in a row, train.max_bad_steps = "
+            f"{t.max_bad_steps}) had a non-finite loss or gradient norm and were skipped; {where}. "
+            f"To go on, {', '.join(fixes)}{resume}.",
+            checkpoint=good,
         )
+
+    def _checkpoint_before(self, first_bad: int) -> tuple[Path | None, Path | None]:
+        """(the newest checkpoint from before step ``first_bad``, a suspect one). The checkpoint this
+        run resumed from is suspect, and passed over, when no step after loading it was finite."""
+        suspect = None
+        if self.resume_from is not None:
+            with contextlib.suppress(OSError, ValueError, TypeError):
+                if ckpt.read_state(self.resume_from).step == first_bad - 1:
+                    suspect = self.resume_from
+        for path in reversed(ckpt.list_checkpoints(self.output_dir)):
+            if int(path.name.removeprefix("step-")) < first_bad and not (suspect and path.resolve() == suspect.resolve()):
+                return path, suspect
+        return None, suspect
 
     # -- evaluate / save --------------------------------------------------------------------
 
