@@ -4,6 +4,7 @@ reference pass (the starting weights, cached beside the tokenized data, untouche
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ TINY = {"arch": "llama", "hidden_size": 32, "num_hidden_layers": 2, "num_attenti
         "num_key_value_heads": 2, "intermediate_size": 64}
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+REPO = Path(__file__).resolve().parents[1]
 
 SHARED = {"loss", "nll_loss", "logps_chosen", "logps_rejected", "accuracy", "margin", "log_odds_ratio"}
 OWN = {"orpo": {"or_loss"}, "sft": set(), "simpo": {"simpo_loss"}, "cpo": {"cpo_loss"},
@@ -95,3 +97,20 @@ def test_the_weights_fingerprint_sees_one_changed_weight(stories_dir, stories_to
         w = next(model.parameters())
         w.view(-1)[0] = torch.nextafter(w.view(-1)[0], torch.tensor(math.inf))
     assert reference_mod.weights_fingerprint(model) != before
+
+
+def test_the_sft_vs_orpo_example_config_validates_for_every_run(shared_dir):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("sft_vs_orpo", REPO / "examples" / "sft_vs_orpo" / "run.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    names = []
+    for run in [*example.DEFAULT_RUNS, "cpo", "dpo:0.5"]:
+        name, overrides = example.run_overrides(run)
+        cfg = load_config(REPO / "examples" / "sft_vs_orpo" / "config.yaml", overrides)
+        names.append(name)
+        assert cfg.orpo.objective == run.split(":")[0] and cfg.train.eval_generate > 0
+    assert names == ["sft", "orpo-0.1", "orpo-1.0", "orpo-10", "simpo", "dpo", "cpo", "dpo-0.5"]
+    assert load_config(REPO / "examples" / "sft_vs_orpo" / "config.yaml",
+                       example.run_overrides("orpo:1.0")[1]).orpo.beta == 1.0

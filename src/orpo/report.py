@@ -174,13 +174,13 @@ def _colors(n: int) -> list[Any]:
 
 
 def _curve(ax, run: Run, key: str, color, label: str | None, style: str = "-", train: bool = True,
-           evals: bool = True) -> bool:
+           evals: bool = True, smooth: bool = True) -> bool:
     """Draw ``key`` of a run: train faint + smoothed, eval as markers. Returns whether anything was drawn."""
     drawn = False
     if train:
         steps, values = _series(run.train, key)
         if steps:
-            if len(steps) > 20:
+            if smooth and len(steps) > 20:
                 ax.plot(steps, values, style, color=color, alpha=0.15, linewidth=0.8)
                 values = _smooth(values)
             ax.plot(steps, values, style, color=color, linewidth=1.1, alpha=0.6 if evals else 1.0, label=label)
@@ -212,28 +212,40 @@ _TRAIN_EVAL: list[tuple[str, dict[str, Any]]] = [("train", {"linewidth": 1.1, "a
 
 
 def plot_logps(runs: list[Run], colors: list[Any]):
-    """The paper's figure: chosen (solid) and rejected (dashed) log-probs, and their change since step 0."""
-    fig, (ax, dax) = _figure(2)
+    """The paper's figure: chosen (solid) and rejected (dashed) log-probs of every run, then one panel per
+    run with their change since step 0 on that run's own scale (one run falling fast would flatten the rest)."""
     use_eval = all(r.evals for r in runs)
-    for run, color in zip(runs, colors, strict=True):
+    panels = 1 + len(runs)
+    fig, axes = _figure(panels, max_cols={4: 2, 7: 4, 8: 4}.get(panels, 3))
+    ax = axes[0]
+    for i, (run, color) in enumerate(zip(runs, colors, strict=True)):
         rows, prefix = (run.evals, "eval_") if use_eval else (run.train, "")
+        marker = {"marker": "o", "markersize": 3.5} if use_eval else {}
+        dax = axes[1 + i]
+        lines = {}
         for key, style in (("logps_chosen", "-"), ("logps_rejected", "--")):
             steps, values = _series(rows, prefix + key)
             if not steps:
                 continue
             if not use_eval and len(values) > 20:
                 values = _smooth(values)
-            marker = {"marker": "o", "markersize": 3.5} if use_eval else {}
             ax.plot(steps, values, style, color=color, linewidth=1.6, **marker)
             start = next((v for v in values if not math.isnan(v)), math.nan)
-            dax.plot(steps, [v - start for v in values], style, color=color, linewidth=1.6, **marker)
+            lines[key] = (steps, [v - start for v in values])
+            dax.plot(*lines[key], style, color=color, linewidth=1.8, **marker)
+        if len(lines) == 2 and lines["logps_chosen"][0] == lines["logps_rejected"][0]:
+            steps, dc = lines["logps_chosen"]
+            dax.fill_between(steps, dc, lines["logps_rejected"][1], color=color, alpha=0.15, linewidth=0)
+            dax.set_title(f"{_label(run)}\nΔ chosen {_fmt(dc[-1], True)}, Δ rejected "
+                          f"{_fmt(lines['logps_rejected'][1][-1], True)}", fontsize="medium")
+        else:
+            dax.set_title(_label(run), fontsize="medium")
+        dax.axhline(0.0, color="0.5", linewidth=0.8)
+        dax.set_ylabel("Δ log P since step 0" if use_eval else "Δ log P since the first step")
     where = "eval set" if use_eval else "train batches, smoothed"
-    ax.set_title(f"log-probs of chosen and rejected ({where})")
+    ax.set_title(f"log-probs of chosen and rejected ({where})", fontsize="medium")
     ax.set_ylabel("mean log P(response token)")
-    dax.set_title("change since the first eval (step 0)" if use_eval else "change since the first step")
-    dax.axhline(0.0, color="0.5", linewidth=0.8)
-    dax.set_ylabel("Δ log P")
-    for a in (ax, dax):
+    for a in axes:
         a.set_xlabel("step")
         a.grid(alpha=0.3)
     _run_legend(fig, runs, colors, [("chosen", {"linestyle": "-"}), ("rejected", {"linestyle": "--"})])
@@ -277,7 +289,7 @@ def plot_optim(runs: list[Run], colors: list[Any]):
     """Learning rate and gradient norm (before clipping)."""
     fig, (lr_ax, gn_ax) = _figure(2)
     for run, color in zip(runs, colors, strict=True):
-        _curve(lr_ax, run, "lr", color, None, evals=False)
+        _curve(lr_ax, run, "lr", color, None, evals=False, smooth=False)
         _curve(gn_ax, run, "grad_norm", color, None, evals=False)
     lr_ax.set_title("learning rate")
     gn_ax.set_title("gradient norm (before clipping)")
@@ -336,8 +348,9 @@ details { margin: 0.4em 0 1em; }
 """
 
 _CAPTIONS = {
-    "logps": "Chosen (solid) and rejected (dashed) log-probs, and their change since step 0. SFT on the chosen "
-             "responses tends to raise the rejected ones too; a preference term should hold them down.",
+    "logps": "Chosen (solid) and rejected (dashed) log-probs of every run, then per run their change since "
+             "step 0 (each on its own scale; the shaded band is the gap). SFT on the chosen responses tends to "
+             "raise the rejected ones too; a preference term should hold them down.",
     "loss": "Loss, the NLL of the chosen responses (comparable across objectives) and each objective's own term.",
     "preference": "Whether the model prefers the chosen response: log odds ratio, accuracy and margin of the "
                   "length-averaged log-probs.",
