@@ -68,9 +68,33 @@ def main() -> int:
     jobs = [run_overrides(spec) for spec in args.runs]
     if args.jobs > 1:
         env["OMP_NUM_THREADS"] = "1"
-    pending, running, failed = list(jobs), [], []
+    pending: list = list(jobs)
+    running: list = []
+    try:
+        failed = _run_all(pending, running, cli, common, out, env, args.jobs, started)
+    finally:  # interrupted: stop the runs still going rather than leave them training unseen
+        for _, proc, _ in running:
+            proc.terminate()
+    if failed:
+        return 1
+
+    from orpo.report import write_report
+
+    names = [name for name, _ in jobs]
+    page = write_report([out / n for n in names], out / "report", names=names)
+    table = markdown_table(json.loads((out / "report" / "summary.json").read_text()))
+    (out / "report" / "table.md").write_text(table + "\n")
+    print(table)
+    print(f"report: {page}  ({time.perf_counter() - started:.0f} s in all)")
+    return 0
+
+
+def _run_all(pending: list, running: list, cli: list[str], common: list[str], out: Path, env: dict, jobs: int,
+             started: float) -> list[str]:
+    """Run the pending (name, overrides) jobs, ``jobs`` at a time; the names of those that failed."""
+    failed = []
     while pending or running:
-        while pending and len(running) < args.jobs:
+        while pending and len(running) < jobs:
             name, orpo = pending.pop(0)
             (out / name).mkdir(parents=True, exist_ok=True)
             log = (out / name / "train.log").open("w")
@@ -87,18 +111,7 @@ def main() -> int:
                 print(f"[{time.perf_counter() - started:6.0f} s] {name} {status}", flush=True)
                 if proc.returncode != 0:
                     failed.append(name)
-    if failed:
-        return 1
-
-    from orpo.report import write_report
-
-    names = [name for name, _ in jobs]
-    page = write_report([out / n for n in names], out / "report", names=names)
-    table = markdown_table(json.loads((out / "report" / "summary.json").read_text()))
-    (out / "report" / "table.md").write_text(table + "\n")
-    print(table)
-    print(f"report: {page}  ({time.perf_counter() - started:.0f} s in all)")
-    return 0
+    return failed
 
 
 def markdown_table(summaries: list[dict]) -> str:
