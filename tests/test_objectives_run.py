@@ -114,3 +114,49 @@ def test_the_sft_vs_orpo_example_config_validates_for_every_run(shared_dir):
     assert names == ["sft", "orpo-0.1", "orpo-1.0", "orpo-10", "simpo", "dpo", "cpo", "dpo-0.5"]
     assert load_config(REPO / "examples" / "sft_vs_orpo" / "config.yaml",
                        example.run_overrides("orpo:1.0")[1]).orpo.beta == 1.0
+
+
+DDP_SCRIPT = """
+import json, sys
+from orpo.config import load_config
+from orpo.train import train
+train(load_config(raw=json.loads(sys.argv[1])), progress=False)
+"""
+
+
+@pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                    reason="needs torch.distributed with gloo")
+def test_dpo_and_eval_samples_under_two_processes_match_one_process(tmp_path, stories_dir, hh_path):
+    """The reference pass is split over ranks and summed; only rank 0 generates and writes samples."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    def raw(out, batch_size):
+        return {"model": {"init": TINY, "tokenizer": str(stories_dir)},
+                "data": {"train": str(hh_path), "max_length": 64, "max_samples": 10, "eval_fraction": 0.2},
+                "orpo": {"objective": "dpo"},
+                "train": {"output_dir": str(out), "max_steps": 2, "batch_size": batch_size, "eval_batch_size": 1,
+                          "learning_rate": 1e-2, "eval_every": 2, "eval_generate": 2, "eval_generate_max_tokens": 4}}
+
+    script = tmp_path / "run.py"
+    script.write_text(DDP_SCRIPT)
+    # its own cache: the two-process run must compute the reference itself, not read the one-process values
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ORPO_CACHE": str(tmp_path / "ddp-cache")}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(script), json.dumps(raw(tmp_path / "ddp", 2))], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert list((tmp_path / "ddp-cache").glob("*/reference-*/logps.safetensors"))
+    Trainer(load_config(raw=raw(tmp_path / "one", 4)), progress=False).setup().train()
+    ddp, one = read_metrics(tmp_path / "ddp"), read_metrics(tmp_path / "one")
+    assert [r["step"] for r in ddp] == [r["step"] for r in one]
+    for a, b in zip(ddp, one, strict=True):
+        for key, value in b.items():
+            if key not in ("tokens_per_s", "step"):
+                assert a[key] == pytest.approx(value, rel=1e-4, abs=1e-6), (a["step"], key)
+    assert ddp[0]["eval_dpo_loss"] == pytest.approx(math.log(2.0), abs=1e-5)
+    samples = [json.loads(x) for x in (tmp_path / "ddp" / "samples.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in samples] == [0, 0, 2, 2]  # written once, by rank 0
+    assert samples == [json.loads(x) for x in (tmp_path / "one" / "samples.jsonl").read_text().splitlines()]
