@@ -277,3 +277,21 @@ def test_a_key_of_another_objective_is_refused(stories_dir):
     with pytest.raises(ConfigError, match=r"orpo.objective"):
         _config(stories_dir, objective="kto")
     assert _config(stories_dir, objective="dpo", dpo_beta=0.3).orpo.dpo_beta == 0.3
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_every_layout_carries_the_pair_values_to_dpo(tiny_model):
+    from orpo.data.collate import LAYOUTS, build_layout
+
+    objective = DPOObjective(beta=0.1)
+    rows = _rows()
+    impl = tiny_model.config._attn_implementation
+    losses = {}
+    for name in LAYOUTS:
+        batch = objective.prepare(build_layout(name, 0, 64, impl)(rows))
+        assert batch.pair_values["ref_chosen_sum"].tolist() == [-3.0, -4.0, -5.0], name
+        with torch.no_grad():
+            out = objective(tiny_model, batch)
+        losses[name] = out.loss.item()
+        assert out.pair_sums["reward_margin"].item() != 0.0
+    assert all(v == pytest.approx(losses["padded"], rel=1e-5) for v in losses.values()), losses
