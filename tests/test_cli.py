@@ -46,19 +46,41 @@ def test_train_writes_metrics_and_a_final_model(trained):
     assert yaml.safe_load((trained / "config.yaml").read_text())["orpo"]["beta"] == 0.5  # `lambda` alias
 
 
-def test_eval_prints_one_json_object_matching_the_last_eval(trained, capsys):
+def test_eval_json_matches_the_last_eval(trained, capsys):
     capsys.readouterr()
     assert main(["eval", "--model", str(trained / "final"), "--data", str(QS / "eval.jsonl"),
-                 "--max-length", "64", "--beta", "0.5", "--batch-size", "64"]) == 0
+                 "--max-length", "64", "--beta", "0.5", "--batch-size", "64", "--json"]) == 0
     out = capsys.readouterr()
-    result = json.loads(out.out)
-    assert {"pairs", "accuracy", "logps_chosen", "logps_rejected", "log_odds_ratio", "nll"} <= set(result)
-    assert result["pairs"] == 200
+    [result] = json.loads(out.out)
+    assert {"model", "pairs", "accuracy", "logps_chosen", "logps_rejected", "log_odds_ratio", "margin",
+            "nll"} <= set(result)
+    assert result["model"] == str(trained / "final") and result["pairs"] == 200
     last = [json.loads(x) for x in (trained / "metrics.jsonl").read_text().splitlines() if "eval_loss" in x][-1]
     assert result["accuracy"] == pytest.approx(last["eval_accuracy"])
     assert result["nll"] == pytest.approx(last["eval_nll_loss"], rel=1e-5)
     assert result["log_odds_ratio"] == pytest.approx(last["eval_log_odds_ratio"], rel=1e-4, abs=1e-6)
-    assert "accuracy" in out.err  # the readable table goes to stderr
+    assert result["margin"] == pytest.approx(last["eval_margin"], rel=1e-4, abs=1e-6)
+
+
+def test_eval_compares_several_models_in_one_table_one_row_each(trained, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    other = tmp_path / "other"  # the same model with a scaled LM head: other numbers
+    model = AutoModelForCausalLM.from_pretrained(trained / "final")
+    model.lm_head.weight.data *= 3.0
+    model.save_pretrained(other)
+    AutoTokenizer.from_pretrained(trained / "final").save_pretrained(other)
+    args = ["eval", "--model", str(trained / "final"), "--model", str(other), "--data", str(QS / "eval.jsonl"),
+            "--max-length", "64", "--batch-size", "64"]
+    capsys.readouterr()
+    assert main([*args, "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["model"] for r in rows] == [str(trained / "final"), str(other)]
+    assert rows[0]["pairs"] == rows[1]["pairs"] == 200 and rows[0]["nll"] != pytest.approx(rows[1]["nll"])
+    assert main(args) == 0
+    table = capsys.readouterr().out
+    assert table.count("accuracy") == 1 and "other" in table  # one header, one row per model
+    assert f"{rows[1]['accuracy']:.4f}" in table
 
 
 def test_generate_prints_a_reply(trained, capsys):

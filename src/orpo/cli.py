@@ -1,4 +1,4 @@
-"""The `orpo` command line: train, preprocess, eval, generate, merge, checkpoints, config-doc.
+"""The `orpo` command line: train, preprocess, eval, generate, merge, checkpoints, report, config-doc.
 
 Every command reports an expected failure (bad configuration or data, a diverged run) as one clear
 message on stderr and its own exit status (``EXIT_*`` below), without a traceback; anything else
@@ -84,8 +84,10 @@ def _parser() -> argparse.ArgumentParser:
     pp.add_argument("overrides", nargs="*", metavar="key.path=value")
     pp.set_defaults(func=_cmd_preprocess)
 
-    e = sub.add_parser("eval", help="ORPO metrics of a model on preference pairs (JSON on stdout)")
-    e.add_argument("--model", required=True, help="model folder (a final/ or checkpoint) or hub name")
+    e = sub.add_parser("eval", help="ORPO metrics of one or several models on preference pairs (one table)")
+    e.add_argument("--model", required=True, action="append",
+                   help="model folder (a final/ or checkpoint) or hub name; repeat to compare models")
+    e.add_argument("--json", action="store_true", help="print a JSON list (one object per model) instead of the table")
     e.add_argument("--data", required=True, help="preference data file or hub dataset")
     e.add_argument("--split", default="train", help="split of a hub dataset (default: train)")
     e.add_argument("--format", default="auto", help="auto | standard | implicit | conversational | sharegpt")
@@ -116,6 +118,12 @@ def _parser() -> argparse.ArgumentParser:
     k.add_argument("output_dir", help="the run's train.output_dir")
     k.add_argument("--no-checksums", action="store_true", help="check sizes only (fast for large checkpoints)")
     k.set_defaults(func=_cmd_checkpoints)
+    r = sub.add_parser("report", help="plots and one self-contained HTML page of one or several runs")
+    r.add_argument("runs", nargs="+", metavar="RUN_DIR", help="train.output_dir of a run (several are overlaid)")
+    r.add_argument("--out", required=True, help="folder for report.html, the PNG figures and summary.json")
+    r.add_argument("--name", action="append", default=None,
+                   help="a name per run, in order (default: the folder names)")
+    r.set_defaults(func=_cmd_report)
 
     c = sub.add_parser("config-doc", help="print the configuration reference (Markdown)")
     c.set_defaults(func=_cmd_config_doc)
@@ -148,33 +156,39 @@ def _cmd_preprocess(args: argparse.Namespace) -> int:
     return 0
 
 
+EVAL_KEYS = {"pairs": "pairs", "accuracy": "accuracy", "logps_chosen": "logps_chosen",
+             "logps_rejected": "logps_rejected", "log_odds_ratio": "log_odds_ratio", "margin": "margin",
+             "nll": "nll_loss", "or_loss": "or_loss", "loss": "loss"}
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
+    """Each model scores the same pairs (tokenized with its own tokenizer); one row per model."""
+    import gc
+
     from orpo.config import DataConfig
     from orpo.data import prepare_data
     from orpo.train.evaluate import evaluate, load_for_inference, print_eval_table
     from orpo.train.objective import ORPOObjective
 
-    model, tokenizer = load_for_inference(args.model)
     data_cfg = DataConfig(
         train=args.data, train_split=args.split, format=args.format, max_length=args.max_length,
         max_prompt_length=args.max_prompt_length, max_samples=args.max_samples,
     )
-    prepared = prepare_data(data_cfg, tokenizer, chat_template=args.chat_template)
-    print(prepared.summary.render(), file=sys.stderr)
-    m = evaluate(model, prepared.train, tokenizer.pad_token_id, batch_size=args.batch_size,
-                 objective=ORPOObjective(beta=args.beta))
-    result = {
-        "pairs": m["pairs"],
-        "accuracy": m["accuracy"],
-        "logps_chosen": m["logps_chosen"],
-        "logps_rejected": m["logps_rejected"],
-        "log_odds_ratio": m["log_odds_ratio"],
-        "nll": m["nll_loss"],
-        "or_loss": m["or_loss"],
-        "loss": m["loss"],
-    }
-    print_eval_table(result, title=f"{args.model} on {args.data}")
-    print(json.dumps(result))
+    results: list[dict] = []
+    for name in args.model:
+        model, tokenizer = load_for_inference(name)
+        prepared = prepare_data(data_cfg, tokenizer, chat_template=args.chat_template)
+        if len(results) == 0:
+            print(prepared.summary.render(), file=sys.stderr)
+        m = evaluate(model, prepared.train, tokenizer.pad_token_id, batch_size=args.batch_size,
+                     objective=ORPOObjective(beta=args.beta))
+        results.append({"model": name, **{k: m[v] for k, v in EVAL_KEYS.items()}})
+        del model
+        gc.collect()
+    if args.json:
+        print(json.dumps(results))
+    else:
+        print_eval_table(results, title=f"ORPO metrics on {args.data} (λ = {args.beta:g})")
     return 0
 
 
@@ -222,6 +236,17 @@ def _cmd_checkpoints(args: argparse.Namespace) -> int:
     for status in statuses:
         print(status.describe())
     return 0 if statuses[-1].complete else 1
+def _cmd_report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from orpo.report import write_report
+
+    if args.name is not None and len(args.name) != len(args.runs):
+        print(f"orpo report: error: {len(args.name)} --name for {len(args.runs)} runs", file=sys.stderr)
+        return EXIT_USAGE
+    page = write_report([Path(p) for p in args.runs], Path(args.out), names=args.name)
+    print(page)
+    return 0
 
 
 def _cmd_config_doc(args: argparse.Namespace) -> int:

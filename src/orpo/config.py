@@ -190,16 +190,55 @@ class DataConfig(_Section):
         return self
 
 
+ObjectiveName = Literal["orpo", "sft", "simpo", "cpo", "dpo"]
+
+
 class OrpoConfig(_Section):
+    """The objective and its settings (the section keeps its name: ORPO is the default objective)."""
+
+    objective: ObjectiveName = Field(
+        "orpo",
+        description="orpo | sft (NLL on chosen only) | simpo (Meng et al. 2024) | cpo (Xu et al. 2024) | "
+        "dpo (Rafailov et al. 2023; reference log-probs from the starting weights, computed once and cached).",
+    )
     beta: float = Field(
         0.1,
         ge=0.0,
         validation_alias=AliasChoices("beta", "lambda"),
-        description="λ, the weight of the odds-ratio term (alias: lambda). 0 = plain SFT on chosen.",
+        description="ORPO's λ, the weight of the odds-ratio term (alias: lambda). 0 = plain SFT on chosen.",
     )
     nll_on_prompt: bool = Field(
         False, description="Also count chosen-prompt tokens in the NLL (TRL's behaviour). Default: response only."
     )
+    simpo_beta: float = Field(
+        2.0, gt=0.0, description="SimPO's β, the scale of the length-averaged log-prob margin (paper: 2.0-2.5)."
+    )
+    simpo_gamma: float = Field(
+        0.5, ge=0.0, description="SimPO's γ, the target margin (SimPO's code: 0.25 × β; paper: 0.5-1.6)."
+    )
+    simpo_nll_weight: float = Field(
+        0.0, ge=0.0, description="Weight of an NLL term on chosen added to SimPO (its sft_weight; 0 = none)."
+    )
+    cpo_beta: float = Field(
+        0.1, gt=0.0, description="CPO's β on the summed log-prob margin (paper and TRL: 0.1); NLL weight 1."
+    )
+    dpo_beta: float = Field(
+        0.1, gt=0.0, description="DPO's β, the strength of the pull toward the reference (paper and TRL: 0.1)."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> OrpoConfig:
+        # A changed setting of another objective would silently do nothing: refuse it.
+        for key, owner in OBJECTIVE_KEYS.items():
+            default = OrpoConfig.model_fields[key].default
+            if owner != self.objective and getattr(self, key) != default:
+                raise ValueError(f"orpo.{key} applies to objective '{owner}' only, but orpo.objective is "
+                                 f"'{self.objective}': remove it or set orpo.objective={owner}")
+        return self
+
+
+OBJECTIVE_KEYS = {"beta": "orpo", "simpo_beta": "simpo", "simpo_gamma": "simpo", "simpo_nll_weight": "simpo",
+                  "cpo_beta": "cpo", "dpo_beta": "dpo"}
 
 
 SchedulerName = Literal["linear", "cosine", "constant", "inverse_sqrt"]
@@ -269,6 +308,11 @@ class TrainConfig(_Section):
     cpu_offload: bool = Field(
         False, description="Keep what the engine shards in CPU memory (fsdp2, zero2, zero3 only)."
     )
+    eval_generate: int = Field(
+        0, ge=0, description="At each eval, greedy completions of the first N eval prompts -> "
+        "output_dir/samples.jsonl (and TensorBoard text). 0 = none."
+    )
+    eval_generate_max_tokens: int = Field(64, gt=0, description="New tokens per eval_generate completion, at most.")
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
@@ -293,6 +337,8 @@ class Config(_Section):
             raise ValueError(f"data.layout {self.data.layout} needs an attention mask, which "
                              f"{self.model.attn_implementation} does not take: use data.layout packed, or "
                              "model.attn_implementation sdpa | eager | flex_attention")
+        if self.train.eval_generate and not has_eval:
+            raise ValueError("train.eval_generate needs eval data: set data.eval or data.eval_fraction")
         return self
 
 

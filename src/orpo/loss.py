@@ -9,6 +9,16 @@
 Legend (paper → here): λ → ``beta`` (TRL's name; ``lambda`` is accepted in config), y_w → chosen,
 y_l → rejected, log P(y|x) → ``logps_*``, log odds(y_w) − log odds(y_l) → ``log_odds_ratio``.
 
+The rival objectives (``orpo.objective``) are per-pair losses on the same ``PairLogps``:
+
+    SFT    L = L_SFT                                          (ORPO with λ = 0)
+    SimPO  L_pair = −log σ( β · (log P̄(y_w|x) − log P̄(y_l|x)) − γ )    length-averaged (Meng et al. 2024)
+    CPO    L = L_SFT + L_pair,  L_pair = −log σ( β · (log π(y_w|x) − log π(y_l|x)) )   summed (Xu et al. 2024)
+    DPO    L_pair = −log σ( β · ((log π(y_w|x) − log π_ref(y_w|x)) − (log π(y_l|x) − log π_ref(y_l|x))) )  summed
+
+log P̄ = ``logps_*`` (the mean over response tokens, as ORPO); log π = ``*_sum`` (the sum over
+response tokens, as the CPO and DPO papers and TRL's CPO/DPO trainers); π_ref = the starting weights.
+
 Everything here works on per-token log-probabilities that the caller has already gathered, so the
 same math serves every batch layout (padded, packed, prompt-shared): a layout only has to say
 which sequence each target token belongs to (``segment_ids``) and whether it is a response token.
@@ -56,6 +66,27 @@ def log_odds(logps: torch.Tensor) -> torch.Tensor:
 def odds_ratio_loss(logps_chosen: torch.Tensor, logps_rejected: torch.Tensor) -> torch.Tensor:
     """Per-pair ``−log σ(log odds(chosen) − log odds(rejected))``, float32 out for fp32/bf16 in."""
     return -F.logsigmoid(log_odds(logps_chosen) - log_odds(logps_rejected))
+
+
+def simpo_loss(logps_chosen: torch.Tensor, logps_rejected: torch.Tensor, beta: float, gamma: float) -> torch.Tensor:
+    """Per-pair SimPO loss ``−log σ(β·(logp̄_c − logp̄_r) − γ)`` on length-averaged log-probs."""
+    return -F.logsigmoid(beta * (_as_float(logps_chosen) - _as_float(logps_rejected)) - gamma)
+
+
+def cpo_loss(sum_chosen: torch.Tensor, sum_rejected: torch.Tensor, beta: float) -> torch.Tensor:
+    """Per-pair CPO preference term ``−log σ(β·(log π_c − log π_r))`` on summed log-probs (add the NLL)."""
+    return -F.logsigmoid(beta * (_as_float(sum_chosen) - _as_float(sum_rejected)))
+
+
+def dpo_loss(sum_chosen: torch.Tensor, sum_rejected: torch.Tensor, ref_chosen: torch.Tensor,
+             ref_rejected: torch.Tensor, beta: float) -> torch.Tensor:
+    """Per-pair DPO loss ``−log σ(β·((log π_c − log π_ref,c) − (log π_r − log π_ref,r)))``, summed log-probs.
+
+    The reference values are constants (no gradient flows into them).
+    """
+    chosen = _as_float(sum_chosen) - _as_float(ref_chosen).detach()
+    rejected = _as_float(sum_rejected) - _as_float(ref_rejected).detach()
+    return -F.logsigmoid(beta * (chosen - rejected))
 
 
 def sequence_logps(

@@ -33,6 +33,8 @@ from orpo.loss import nll_target_mask
 IGNORE_INDEX = -100
 
 LAYOUTS = ("padded", "packed", "shared_prompt", "packed_shared_prompt")
+# The columns a layout turns into tokens; any other column of a row is a per-pair value (``pair_values``).
+TOKEN_COLUMNS = ("chosen_input_ids", "chosen_prompt_len", "rejected_input_ids", "rejected_prompt_len")
 
 
 @dataclass
@@ -46,6 +48,8 @@ class PreferenceBatch:
     ``real_tokens``: the pairs' tokens, chosen + rejected counted as separate sequences, so the same
     number in every layout (a shared prompt is computed once but counts twice): tokens/s then
     compares layouts by the work done, and no layout needs an ``attention_mask`` to count.
+    ``pair_values[name][i]``: a number of pair ``i`` that rides along from its row (e.g. DPO's
+    reference log-probs), filled by ``pair_values(rows)``.
     """
 
     inputs: dict[str, Any]
@@ -54,6 +58,7 @@ class PreferenceBatch:
     response_mask: torch.Tensor
     num_pairs: int
     real_tokens: int
+    pair_values: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def to(self, device: torch.device | str) -> PreferenceBatch:
         return PreferenceBatch(
@@ -63,6 +68,7 @@ class PreferenceBatch:
             response_mask=self.response_mask.to(device, non_blocking=True),
             num_pairs=self.num_pairs,
             real_tokens=self.real_tokens,
+            pair_values={k: v.to(device, non_blocking=True) for k, v in self.pair_values.items()},
         )
 
     def num_nll_tokens(self, nll_on_prompt: bool = False) -> int:
@@ -86,6 +92,18 @@ def _move(value: Any, device: torch.device | str) -> Any:
         moved.mask_mod = value.mask_mod.to(device)
         return moved
     return value  # ints (max_length_q / max_length_k)
+
+
+def pair_values(rows: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """Every column of the rows besides ``TOKEN_COLUMNS``, as one float32 value per pair in row order.
+
+    Every layout calls this, so a per-pair number added to the dataset (a column) reaches the
+    objective without the layout knowing it; a layout that reorders pairs passes its rows in pair order.
+    """
+    if not rows:
+        return {}
+    names = [k for k in rows[0] if k not in TOKEN_COLUMNS]
+    return {k: torch.tensor([r[k] for r in rows], dtype=torch.float32) for k in names}
 
 
 class Layout(Protocol):
@@ -135,6 +153,7 @@ class PaddedLayout:
             response_mask=response_mask,
             num_pairs=b,
             real_tokens=int(attention_mask.sum()),
+            pair_values=pair_values(rows),
         )
 
 
@@ -349,7 +368,7 @@ class _RowsLayout:
         inputs.update(self.attention_inputs(AttentionRule(doc, branch, pos), [lengths[i] for i in placement[0]]))
         real = sum(len(r["chosen_input_ids"]) + len(r["rejected_input_ids"]) for r in rows)
         return PreferenceBatch(inputs=inputs, labels=labels, segment_ids=segment_ids, response_mask=response_mask,
-                               num_pairs=len(rows), real_tokens=real)
+                               num_pairs=len(rows), real_tokens=real, pair_values=pair_values(rows))
 
     def attention_inputs(self, rule: AttentionRule, varlen_lengths: list[int]) -> dict[str, Any]:
         """The rule in the form ``self.style`` reads (``varlen_lengths``: the one row's sequences)."""

@@ -490,8 +490,9 @@ def clear_previous_run(output_dir: str | Path) -> None:
     for name in (CHECKPOINTS, "final", "tensorboard"):
         if (out / name).is_dir():
             shutil.rmtree(out / name)
-    if (out / "metrics.jsonl").exists():
-        (out / "metrics.jsonl").unlink()
+    for name in ("metrics.jsonl", "samples.jsonl"):
+        if (out / name).exists():
+            (out / name).unlink()
 
 
 # Settings that change what a step computes or which data it sees: resuming across a change
@@ -500,7 +501,7 @@ def clear_previous_run(output_dir: str | Path) -> None:
 # as a global micro-batch (batch_size x processes), see check_resume_compatible.
 RESUME_KEYS = (
     "model.name_or_path", "model.init", "model.revision", "model.lora", "model.load_in_4bit",
-    "orpo.nll_on_prompt", "train.seed", "train.grad_accum", "train.max_tokens_per_batch",
+    "orpo.objective", "orpo.nll_on_prompt", "train.seed", "train.grad_accum", "train.max_tokens_per_batch",
 )
 
 

@@ -94,9 +94,16 @@ def load_for_inference(name_or_path: str, dtype: str = "auto", device: str | Non
     return model.to(device).eval(), tokenizer
 
 
-def print_eval_table(metrics: dict[str, Any], title: str = "evaluation", console: Console | None = None) -> None:
-    """The eval metrics as a two-column table (on stderr by default, so stdout can stay JSON)."""
-    table = Table(title=title, show_header=False)
-    for key, value in metrics.items():
-        table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
-    (console or Console(stderr=True)).print(table)
+def print_eval_table(rows: list[dict[str, Any]], title: str = "evaluation", console: Console | None = None) -> None:
+    """One row per model, one column per metric (on stdout by default; ``orpo eval --json`` prints JSON instead)."""
+    table = Table(title=title)
+    keys = list(rows[0]) if rows else []
+    for key in keys:
+        table.add_column(key, justify="left" if key == "model" else "right", overflow="fold")
+    for row in rows:
+        table.add_row(*(f"{v:.4f}" if isinstance(v, float) else str(v) for v in (row.get(k) for k in keys)))
+    if console is None:
+        console = Console()
+        if not console.is_terminal:  # piped: rich would squeeze the columns into 80 characters
+            console = Console(width=250)
+    console.print(table)

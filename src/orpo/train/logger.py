@@ -81,6 +81,11 @@ class MetricsLogger:
         if self._wandb is not None:
             self._wandb.log(scalars, step=step)
 
+    def log_text(self, tag: str, text: str, step: int) -> None:
+        """A Markdown text at ``step`` in TensorBoard (when it is in report_to); metrics.jsonl holds numbers only."""
+        if self._tb is not None:
+            self._tb.add_text(tag, text, step)
+
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()

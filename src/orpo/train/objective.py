@@ -17,7 +17,7 @@ import torch
 
 from orpo.config import OrpoConfig
 from orpo.data.collate import PreferenceBatch
-from orpo.loss import PairLogps, log_odds, odds_ratio_loss, pair_logps
+from orpo.loss import PairLogps, cpo_loss, dpo_loss, log_odds, odds_ratio_loss, pair_logps, simpo_loss
 from orpo.train.forward import keep_targets, token_logps
 
 Per = Literal["token", "pair"]
@@ -80,7 +80,8 @@ def combine(terms: tuple[LossTerm, ...], term_sums: dict[str, torch.Tensor], log
     """
     norms = {"token": token_normalizer if token_normalizer is not None else logps.nll_tokens.clamp(min=1),
              "pair": pair_normalizer if pair_normalizer is not None else max(logps.num_pairs, 1)}
-    loss = sum(t.weight * term_sums[t.name] / norms[t.per] for t in terms)
+    # A term of weight 0 is reported, not optimized (e.g. the NLL of SimPO and DPO).
+    loss = sum(t.weight * term_sums[t.name] / norms[t.per] for t in terms if t.weight)
     assert isinstance(loss, torch.Tensor)
     with torch.no_grad():
         c, r = logps.chosen, logps.rejected
@@ -91,21 +92,10 @@ def combine(terms: tuple[LossTerm, ...], term_sums: dict[str, torch.Tensor], log
                            pair_sums=pair_sums, num_pairs=logps.num_pairs)
 
 
-@dataclass(frozen=True)
-class ORPOObjective:
-    """ORPO: NLL on the chosen response + λ (``beta``) × the odds-ratio term (see ``orpo.loss``)."""
+class ReadsResponses:
+    """``prepare`` / ``nll_tokens`` for objectives that read both responses (and the chosen prompt if asked)."""
 
-    beta: float = 0.1
-    nll_on_prompt: bool = False
-    name: str = field(default="orpo", init=False)
-
-    @property
-    def terms(self) -> tuple[LossTerm, ...]:
-        return (LossTerm("nll_loss", 1.0, "token"), LossTerm("or_loss", self.beta, "pair"))
-
-    @property
-    def pair_metrics(self) -> tuple[str, ...]:
-        return (*SHARED_PAIR_METRICS, "log_odds_ratio")
+    nll_on_prompt: bool
 
     def loss_mask(self, batch: PreferenceBatch) -> torch.Tensor:
         """Target positions whose log-prob the loss reads: responses, plus the chosen prompt if asked."""
@@ -123,18 +113,148 @@ class ORPOObjective:
         """Keep only the targets ``loss_mask`` reads (see ``forward.keep_targets``)."""
         return keep_targets(batch, self.loss_mask(batch), keep_mode)
 
+    def pair_logps(self, model, batch: PreferenceBatch) -> PairLogps:
+        """One forward of chosen and rejected rows together, reduced to per-pair log-probs."""
+        return pair_logps(token_logps(model, batch), batch.segment_ids, batch.response_mask, batch.num_pairs,
+                          self.nll_on_prompt)
+
+
+# Every objective also reports the quantity ORPO optimizes, so runs of different objectives compare.
+PREFERENCE_METRICS = (*SHARED_PAIR_METRICS, "log_odds_ratio")
+
+
+def log_odds_ratio(lp: PairLogps) -> torch.Tensor:
+    """Per-pair ``log odds(chosen) − log odds(rejected)`` (detached: a metric)."""
+    with torch.no_grad():
+        return log_odds(lp.chosen) - log_odds(lp.rejected)
+
+
+@dataclass(frozen=True)
+class ORPOObjective(ReadsResponses):
+    """ORPO: NLL on the chosen response + λ (``beta``) × the odds-ratio term (see ``orpo.loss``)."""
+
+    beta: float = 0.1
+    nll_on_prompt: bool = False
+    name: str = field(default="orpo", init=False)
+
+    @property
+    def terms(self) -> tuple[LossTerm, ...]:
+        return (LossTerm("nll_loss", 1.0, "token"), LossTerm("or_loss", self.beta, "pair"))
+
+    @property
+    def pair_metrics(self) -> tuple[str, ...]:
+        return PREFERENCE_METRICS
+
     def __call__(self, model, batch: PreferenceBatch, token_normalizer=None, pair_normalizer=None) -> ObjectiveOutput:
         """Forward chosen and rejected rows together, then ``−mean NLL + λ · mean(−log σ(log odds ratio))``."""
-        lp = pair_logps(token_logps(model, batch), batch.segment_ids, batch.response_mask, batch.num_pairs,
-                        self.nll_on_prompt)
+        lp = self.pair_logps(model, batch)
         sums = {"nll_loss": lp.nll_sum, "or_loss": odds_ratio_loss(lp.chosen, lp.rejected).sum()}
+        return combine(self.terms, sums, lp, {"log_odds_ratio": log_odds_ratio(lp)}, token_normalizer,
+                       pair_normalizer)
+
+
+@dataclass(frozen=True)
+class SFTObjective(ReadsResponses):
+    """SFT: the NLL of the chosen response only (ORPO with λ = 0); rejected is forwarded for the metrics."""
+
+    nll_on_prompt: bool = False
+    name: str = field(default="sft", init=False)
+    terms: tuple[LossTerm, ...] = field(default=(LossTerm("nll_loss", 1.0, "token"),), init=False)
+    pair_metrics: tuple[str, ...] = field(default=PREFERENCE_METRICS, init=False)
+
+    def __call__(self, model, batch: PreferenceBatch, token_normalizer=None, pair_normalizer=None) -> ObjectiveOutput:
+        lp = self.pair_logps(model, batch)
+        return combine(self.terms, {"nll_loss": lp.nll_sum}, lp, {"log_odds_ratio": log_odds_ratio(lp)},
+                       token_normalizer, pair_normalizer)
+
+
+@dataclass(frozen=True)
+class SimPOObjective(ReadsResponses):
+    """SimPO (Meng et al. 2024): ``−log σ(β·(logp̄_c − logp̄_r) − γ)``, plus ``nll_weight`` × NLL if asked."""
+
+    beta: float = 2.0
+    gamma: float = 0.5
+    nll_weight: float = 0.0
+    nll_on_prompt: bool = False
+    name: str = field(default="simpo", init=False)
+    pair_metrics: tuple[str, ...] = field(default=PREFERENCE_METRICS, init=False)
+
+    @property
+    def terms(self) -> tuple[LossTerm, ...]:
+        return (LossTerm("nll_loss", self.nll_weight, "token"), LossTerm("simpo_loss", 1.0, "pair"))
+
+    def __call__(self, model, batch: PreferenceBatch, token_normalizer=None, pair_normalizer=None) -> ObjectiveOutput:
+        lp = self.pair_logps(model, batch)
+        sums = {"nll_loss": lp.nll_sum, "simpo_loss": simpo_loss(lp.chosen, lp.rejected, self.beta, self.gamma).sum()}
+        return combine(self.terms, sums, lp, {"log_odds_ratio": log_odds_ratio(lp)}, token_normalizer,
+                       pair_normalizer)
+
+
+@dataclass(frozen=True)
+class CPOObjective(ReadsResponses):
+    """CPO (Xu et al. 2024): NLL on chosen + ``−log σ(β·(log π_c − log π_r))`` on summed log-probs."""
+
+    beta: float = 0.1
+    nll_on_prompt: bool = False
+    name: str = field(default="cpo", init=False)
+    pair_metrics: tuple[str, ...] = field(default=PREFERENCE_METRICS, init=False)
+    terms: tuple[LossTerm, ...] = field(
+        default=(LossTerm("nll_loss", 1.0, "token"), LossTerm("cpo_loss", 1.0, "pair")), init=False)
+
+    def __call__(self, model, batch: PreferenceBatch, token_normalizer=None, pair_normalizer=None) -> ObjectiveOutput:
+        lp = self.pair_logps(model, batch)
+        sums = {"nll_loss": lp.nll_sum, "cpo_loss": cpo_loss(lp.chosen_sum, lp.rejected_sum, self.beta).sum()}
+        return combine(self.terms, sums, lp, {"log_odds_ratio": log_odds_ratio(lp)}, token_normalizer,
+                       pair_normalizer)
+
+
+# The batch's per-pair values (``PreferenceBatch.pair_values``) DPO reads: summed response
+# log-probs of the starting weights, computed once before training (``orpo.train.reference``).
+REFERENCE_COLUMNS = ("ref_chosen_sum", "ref_rejected_sum")
+
+
+@dataclass(frozen=True)
+class DPOObjective(ReadsResponses):
+    """DPO (Rafailov et al. 2023) with one model in memory: the reference log-probs ride in the batch.
+
+    ``reward_margin`` is DPO's implicit reward margin ``β·((log π_c − log π_ref,c) − (log π_r − log π_ref,r))``;
+    the NLL is reported, not optimized.
+    """
+
+    beta: float = 0.1
+    nll_on_prompt: bool = False
+    name: str = field(default="dpo", init=False)
+    reference_columns: tuple[str, ...] = field(default=REFERENCE_COLUMNS, init=False)
+    pair_metrics: tuple[str, ...] = field(default=(*PREFERENCE_METRICS, "reward_margin"), init=False)
+    terms: tuple[LossTerm, ...] = field(
+        default=(LossTerm("nll_loss", 0.0, "token"), LossTerm("dpo_loss", 1.0, "pair")), init=False)
+
+    def __call__(self, model, batch: PreferenceBatch, token_normalizer=None, pair_normalizer=None) -> ObjectiveOutput:
+        missing = [k for k in REFERENCE_COLUMNS if k not in batch.pair_values]
+        if missing:
+            raise ValueError(f"objective dpo needs the reference log-probs {missing} in the batch's pair_values "
+                             "(the trainer adds them; see orpo.train.reference.add_reference_logps)")
+        ref_c, ref_r = (batch.pair_values[k] for k in REFERENCE_COLUMNS)
+        lp = self.pair_logps(model, batch)
+        per_pair = dpo_loss(lp.chosen_sum, lp.rejected_sum, ref_c, ref_r, self.beta)
         with torch.no_grad():
-            ratio = log_odds(lp.chosen) - log_odds(lp.rejected)
-        return combine(self.terms, sums, lp, {"log_odds_ratio": ratio}, token_normalizer, pair_normalizer)
+            reward_margin = self.beta * ((lp.chosen_sum - ref_c) - (lp.rejected_sum - ref_r))
+        return combine(self.terms, {"nll_loss": lp.nll_sum, "dpo_loss": per_pair.sum()}, lp,
+                       {"log_odds_ratio": log_odds_ratio(lp), "reward_margin": reward_margin},
+                       token_normalizer, pair_normalizer)
 
 
 def build_objective(cfg: OrpoConfig) -> Objective:
-    """The objective the ``orpo`` config section asks for."""
+    """The objective the ``orpo`` config section asks for (``orpo.objective``)."""
+    if cfg.objective == "sft":
+        return SFTObjective(nll_on_prompt=cfg.nll_on_prompt)
+    if cfg.objective == "simpo":
+        return SimPOObjective(beta=cfg.simpo_beta, gamma=cfg.simpo_gamma, nll_weight=cfg.simpo_nll_weight,
+                              nll_on_prompt=cfg.nll_on_prompt)
+    if cfg.objective == "cpo":
+        return CPOObjective(beta=cfg.cpo_beta, nll_on_prompt=cfg.nll_on_prompt)
+    if cfg.objective == "dpo":
+        return DPOObjective(beta=cfg.dpo_beta, nll_on_prompt=cfg.nll_on_prompt)
     return ORPOObjective(beta=cfg.beta, nll_on_prompt=cfg.nll_on_prompt)
 
 

@@ -41,7 +41,7 @@ from rich.console import Console
 from torch.utils.data import DataLoader
 
 from orpo.config import Config, ConfigError
-from orpo.data.collate import Layout, PreferenceBatch, layout_for_model
+from orpo.data.collate import TOKEN_COLUMNS, Layout, PreferenceBatch, layout_for_model
 from orpo.train import checkpoint as ckpt
 from orpo.train.distributed import Engine, build_engine, estimate_memory, full_state_dict
 from orpo.train.evaluate import evaluate
@@ -50,9 +50,9 @@ from orpo.train.logger import MetricsLogger, ProgressBar, Throughput, check_repo
 from orpo.train.model import describe_lora, is_peft_model, load_model, load_tokenizer, logits_keep_mode
 from orpo.train.objective import SHARED_PAIR_METRICS, MetricSums, Objective, build_objective
 from orpo.train.optim import build_optimizer, build_scheduler
-from orpo.train.watch import StepCallback, Watcher
+from orpo.train.watch import StepCallback, Watcher, build_watchers
 
-ROW_COLUMNS = ["chosen_input_ids", "chosen_prompt_len", "rejected_input_ids", "rejected_prompt_len"]
+ROW_COLUMNS = list(TOKEN_COLUMNS)  # per-pair values (DPO's reference log-probs) are added as columns later
 
 
 class TrainData(Protocol):
@@ -255,7 +255,8 @@ class Trainer:
         self._given_data, self._given_layout = data, layout
         self.objective: Objective = objective or build_objective(cfg.orpo)
         self.console = console or Console(stderr=True)
-        self.watchers: list[Watcher] = [*watchers] + ([StepCallback(on_step_end)] if on_step_end else [])
+        self.watchers: list[Watcher] = [*build_watchers(cfg), *watchers] + (
+            [StepCallback(on_step_end)] if on_step_end else [])
         self.show_progress = progress
         self.output_dir = Path(cfg.train.output_dir)
         self.stop_request: tuple[str, bool] | None = None
@@ -271,6 +272,7 @@ class Trainer:
         self._setup_tokenizer()
         self._setup_data()
         self._setup_model()
+        self._setup_reference()
         self.model, self.optimizer = self.engine.prepare(self.model, partial(build_optimizer, cfg=self.cfg.train))
         self._setup_scheduler()
         self._setup_state()
@@ -349,6 +351,20 @@ class Trainer:
                               "sharded base weights as well; use a pretrained model.name_or_path, or ddp")
         self.model = model
 
+    def _setup_reference(self) -> None:
+        """An objective with a reference (DPO) gets the starting weights' log-probs as columns, before any resume."""
+        if not getattr(self.objective, "reference_columns", ()):
+            return
+        from orpo.train.reference import add_reference_logps
+
+        t = self.cfg.train
+        splits = add_reference_logps(
+            self.model, {"train": self.train_data, "eval": self.eval_data}, self.layout, self.objective,
+            t.eval_batch_size or t.batch_size, self.accelerator, self.keep_mode,
+            cache_dir=getattr(self.data, "cache_path", None), data_fingerprint=self.data.fingerprint,
+            console=self.console if self.is_main else None)
+        self.train_data, self.eval_data = splits["train"], splits["eval"]
+
     def _setup_scheduler(self) -> None:
         t = self.cfg.train
         epochs = t.epochs or 1.0
@@ -385,6 +401,9 @@ class Trainer:
                 ckpt.clear_previous_run(self.output_dir)
             self.output_dir.mkdir(parents=True, exist_ok=True)
             (self.output_dir / "config.yaml").write_text(ckpt.dump_config(self.cfg))
+            summary = getattr(self.data, "summary", None)
+            if summary is not None:
+                (self.output_dir / "data_summary.json").write_text(json.dumps(summary.to_dict(), indent=2))
             self.logger = MetricsLogger(self.output_dir, self.cfg.train.report_to, self.cfg.model_dump(mode="json"),
                                         resume_step=self.state.step if self.resume_from else None)
         self.accelerator.wait_for_everyone()

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from orpo.config import Config
     from orpo.train.trainer import Trainer, TrainResult
 
 
@@ -46,3 +47,13 @@ class StepCallback(Watcher):
 
     def on_step(self, trainer: Trainer, row: dict[str, Any] | None) -> None:
         self.fn(trainer)
+
+
+def build_watchers(cfg: Config) -> list[Watcher]:
+    """The watchers a run's config asks for, in the order they are called: register new ones here."""
+    watchers: list[Watcher] = []
+    if cfg.train.eval_generate:
+        from orpo.train.samples import EvalSamples
+
+        watchers.append(EvalSamples(cfg.train.eval_generate, cfg.train.eval_generate_max_tokens))
+    return watchers

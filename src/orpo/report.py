@@ -1,0 +1,446 @@
+"""``orpo report``: what a person looks at after a run, for one run or several overlaid.
+
+Reads only a run folder's files (``metrics.jsonl``, ``config.yaml``, ``data_summary.json``,
+``samples.jsonl``), so it works on a finished run, a running one, or a copy from another machine.
+Writes PNG figures (matplotlib's Agg canvas: no display, no pyplot state) and one HTML page with
+the images inlined, which can be mailed or attached as it is:
+
+    loss.png        loss, NLL and each objective's own terms (or_loss, simpo_loss, ...)
+    logps.png       chosen and rejected log-probs on one axis, and their change since step 0
+                    (the ORPO paper's figure: SFT raises the rejected responses too)
+    preference.png  log odds ratio, accuracy and margin, train and eval
+    optim.png       learning rate and gradient norm
+    report.html     the figures, a table of final and best eval numbers, and per run its config,
+                    data summary, warnings and latest samples
+    summary.json    the table's numbers, for scripts
+
+Train curves are drawn faint with a smoothed line over them (one batch is noisy); eval points are
+markers: the eval set is the same at every eval, so they are the numbers to compare.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from orpo.train.logger import METRICS_FILE, read_metrics
+from orpo.train.samples import read_samples
+
+# each objective's own loss terms, drawn next to loss and NLL
+OWN_TERMS = ("or_loss", "simpo_loss", "cpo_loss", "dpo_loss")
+FIGURES = ("logps", "loss", "preference", "optim")
+TABLE_KEYS = ("accuracy", "margin", "log_odds_ratio", "logps_chosen", "logps_rejected", "nll_loss")
+
+
+class NotARunError(FileNotFoundError):
+    """A folder given to the report is not a training run (no metrics.jsonl with rows)."""
+
+
+@dataclass
+class Run:
+    """One run folder, read."""
+
+    name: str
+    path: Path
+    train: list[dict[str, Any]]
+    evals: list[dict[str, Any]]
+    warnings: list[dict[str, Any]]
+    config: dict[str, Any] = field(default_factory=dict)
+    data_summary: dict[str, Any] | None = None
+    samples: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def objective(self) -> str:
+        return str(self.config.get("orpo", {}).get("objective", "orpo"))
+
+    @property
+    def objective_label(self) -> str:
+        """The objective and its strength, e.g. ``orpo λ=0.1`` or ``dpo β=0.1``."""
+        o = self.config.get("orpo", {})
+        params = {"orpo": [("λ", o.get("beta"))], "sft": [],
+                  "simpo": [("β", o.get("simpo_beta")), ("γ", o.get("simpo_gamma"))],
+                  "cpo": [("β", o.get("cpo_beta"))], "dpo": [("β", o.get("dpo_beta"))]}.get(self.objective, [])
+        return " ".join([self.objective] + [f"{k}={v:g}" for k, v in params if v is not None])
+
+
+def load_run(path: str | os.PathLike, name: str | None = None) -> Run:
+    """Read a run folder; ``NotARunError`` (with what is missing) when it is not one."""
+    p = Path(path)
+    if not p.is_dir():
+        raise NotARunError(f"{p} is not a run folder: no such directory")
+    if not (p / METRICS_FILE).is_file():
+        raise NotARunError(f"{p} is not a run folder: it has no {METRICS_FILE} (give the train.output_dir of a run)")
+    try:
+        rows = read_metrics(p)
+    except json.JSONDecodeError as e:
+        raise NotARunError(f"{p / METRICS_FILE}: line {e.lineno} is not JSON ({e.msg})") from None
+    train = [r for r in rows if "loss" in r]
+    evals = [r for r in rows if "eval_loss" in r]
+    if not train and not evals:
+        raise NotARunError(f"{p} is not a run folder yet: {METRICS_FILE} has no metric rows")
+    config = yaml.safe_load((p / "config.yaml").read_text()) if (p / "config.yaml").is_file() else {}
+    summary = p / "data_summary.json"
+    return Run(name=name or p.name, path=p, train=train, evals=evals,
+               warnings=[r for r in rows if "warning" in r], config=config or {},
+               data_summary=json.loads(summary.read_text()) if summary.is_file() else None,
+               samples=read_samples(p))
+
+
+def default_names(paths: list[Path]) -> list[str]:
+    """Folder names, or the shortest distinct path tails when two folders share a name."""
+    parts = [Path(os.path.abspath(p)).parts for p in paths]
+    for depth in range(1, max(len(x) for x in parts) + 1):
+        names = ["/".join(x[-depth:]) for x in parts]
+        if len(set(names)) == len(names):
+            return names
+    return [str(p) for p in paths]
+
+
+# ------------------------------------------------------------------------------ numbers
+
+
+def run_summary(run: Run) -> dict[str, Any]:
+    """Final and best eval numbers, and the change of the log-probs since the first eval (step 0)."""
+    out: dict[str, Any] = {"name": run.name, "path": str(run.path), "objective": run.objective_label,
+                           "steps": run.train[-1]["step"] if run.train else 0}
+    if run.evals:
+        first, last = run.evals[0], run.evals[-1]
+        finite = [r for r in run.evals if _finite(r.get("eval_loss"))]
+        best = min(finite, key=lambda r: r["eval_loss"]) if finite else last
+        out["final"] = {"step": last["step"], **{k: last.get(f"eval_{k}") for k in TABLE_KEYS}}
+        out["best"] = {"step": best["step"], "loss": best.get("eval_loss"),
+                       **{k: best.get(f"eval_{k}") for k in TABLE_KEYS}}
+        out["change"] = {"from_step": first["step"],
+                         **{k: _sub(last.get(f"eval_{k}"), first.get(f"eval_{k}"))
+                            for k in ("logps_chosen", "logps_rejected")}}
+    return out
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, int | float) and math.isfinite(v)
+
+
+def _sub(a: Any, b: Any) -> float | None:
+    return a - b if _finite(a) and _finite(b) else None
+
+
+def _series(rows: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
+    """(steps, values) of ``key``; a missing or non-finite value is NaN (a gap in the line)."""
+    pts = [(r["step"], r[key] if _finite(r.get(key)) else math.nan) for r in rows if key in r]
+    return [s for s, _ in pts], [v for _, v in pts]
+
+
+def _smooth(values: list[float]) -> list[float]:
+    """Exponential moving average over about a 30th of the points (NaN-tolerant)."""
+    alpha = min(1.0, 2.0 / (len(values) / 30 + 1))
+    out, acc = [], math.nan
+    for v in values:
+        acc = v if math.isnan(acc) else (acc if math.isnan(v) else acc + alpha * (v - acc))
+        out.append(acc)
+    return out
+
+
+# ------------------------------------------------------------------------------ figures
+
+
+def _figure(panels: int, max_cols: int = 3, width: float = 5.2, height: float = 3.6):
+    """A figure of ``panels`` axes, at most ``max_cols`` a row (the spare ones hidden), room for a legend below."""
+    from matplotlib.figure import Figure
+
+    ncols = min(panels, max_cols)
+    nrows = -(-panels // ncols)
+    fig = Figure(figsize=(width * ncols, height * nrows + 0.6), dpi=100, layout="constrained")
+    axes = [ax for row in fig.subplots(nrows, ncols, squeeze=False) for ax in row]
+    for ax in axes[panels:]:
+        ax.set_visible(False)
+    return fig, axes[:panels]
+
+
+def _colors(n: int) -> list[Any]:
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10"]
+    return [cmap(i % 10) for i in range(n)]
+
+
+def _curve(ax, run: Run, key: str, color, label: str | None, style: str = "-", train: bool = True,
+           evals: bool = True, smooth: bool = True) -> bool:
+    """Draw ``key`` of a run: train faint + smoothed, eval as markers. Returns whether anything was drawn."""
+    drawn = False
+    if train:
+        steps, values = _series(run.train, key)
+        if steps:
+            if smooth and len(steps) > 20:
+                ax.plot(steps, values, style, color=color, alpha=0.15, linewidth=0.8)
+                values = _smooth(values)
+            ax.plot(steps, values, style, color=color, linewidth=1.1, alpha=0.6 if evals else 1.0, label=label)
+            drawn, label = True, None
+    if evals:
+        steps, values = _series(run.evals, f"eval_{key}")
+        if steps:
+            ax.plot(steps, values, style, color=color, marker="o", markersize=4.5, linewidth=1.9, label=label)
+            drawn = True
+    return drawn
+
+
+def _run_legend(fig, runs: list[Run], colors: list[Any], extra: Sequence[tuple[str, dict[str, Any]]] = ()) -> None:
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], color=c, linewidth=2.5, label=_label(r)) for r, c in zip(runs, colors, strict=True)]
+    handles += [Line2D([], [], color="0.3", label=text, **kw) for text, kw in extra]
+    fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 4), frameon=False,
+               fontsize="small")
+
+
+def _label(run: Run) -> str:
+    """The run's name and objective, once when the name already says it (``orpo λ=0.1``, not ``orpo (orpo λ=0.1)``)."""
+    return run.objective_label if run.name in run.objective_label else f"{run.name} ({run.objective_label})"
+
+
+_TRAIN_EVAL: list[tuple[str, dict[str, Any]]] = [("train", {"linewidth": 1.1, "alpha": 0.6}),
+                                                 ("eval", {"marker": "o", "markersize": 4.5, "linewidth": 1.9})]
+
+
+def plot_logps(runs: list[Run], colors: list[Any]):
+    """The paper's figure: chosen (solid) and rejected (dashed) log-probs of every run, then one panel per
+    run with their change since step 0 on that run's own scale (one run falling fast would flatten the rest)."""
+    use_eval = all(r.evals for r in runs)
+    panels = 1 + len(runs)
+    fig, axes = _figure(panels, max_cols={4: 2, 7: 4, 8: 4}.get(panels, 3))
+    ax = axes[0]
+    for i, (run, color) in enumerate(zip(runs, colors, strict=True)):
+        rows, prefix = (run.evals, "eval_") if use_eval else (run.train, "")
+        marker = {"marker": "o", "markersize": 3.5} if use_eval else {}
+        dax = axes[1 + i]
+        lines = {}
+        for key, style in (("logps_chosen", "-"), ("logps_rejected", "--")):
+            steps, values = _series(rows, prefix + key)
+            if not steps:
+                continue
+            if not use_eval and len(values) > 20:
+                values = _smooth(values)
+            ax.plot(steps, values, style, color=color, linewidth=1.6, **marker)
+            start = next((v for v in values if not math.isnan(v)), math.nan)
+            lines[key] = (steps, [v - start for v in values])
+            dax.plot(*lines[key], style, color=color, linewidth=1.8, **marker)
+        if len(lines) == 2 and lines["logps_chosen"][0] == lines["logps_rejected"][0]:
+            steps, dc = lines["logps_chosen"]
+            dax.fill_between(steps, dc, lines["logps_rejected"][1], color=color, alpha=0.15, linewidth=0)
+            dax.set_title(f"{_label(run)}\nΔ chosen {_fmt(dc[-1], True)}, Δ rejected "
+                          f"{_fmt(lines['logps_rejected'][1][-1], True)}", fontsize="medium")
+        else:
+            dax.set_title(_label(run), fontsize="medium")
+        dax.axhline(0.0, color="0.5", linewidth=0.8)
+        dax.set_ylabel("Δ log P since step 0" if use_eval else "Δ log P since the first step")
+    where = "eval set" if use_eval else "train batches, smoothed"
+    ax.set_title(f"log-probs of chosen and rejected ({where})", fontsize="medium")
+    ax.set_ylabel("mean log P(response token)")
+    for a in axes:
+        a.set_xlabel("step")
+        a.grid(alpha=0.3)
+    _run_legend(fig, runs, colors, [("chosen", {"linestyle": "-"}), ("rejected", {"linestyle": "--"})])
+    return fig
+
+
+def plot_loss(runs: list[Run], colors: list[Any]):
+    """Loss (each objective's own total), the NLL of chosen (shared) and the objectives' own terms."""
+    terms = [k for k in OWN_TERMS if any(k in r for run in runs for r in run.train)
+             or any(f"eval_{k}" in r for run in runs for r in run.evals)]
+    fig, axes = _figure(2 + len(terms), max_cols=2 if len(terms) == 2 else 3)
+    keys = ["loss", "nll_loss", *terms]
+    titles = {"loss": "loss (each objective's own)", "nll_loss": "NLL of chosen responses"}
+    for ax, key in zip(axes, keys, strict=True):
+        for run, color in zip(runs, colors, strict=True):
+            _curve(ax, run, key, color, None)
+        ax.set_title(titles.get(key, key))
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    _run_legend(fig, runs, colors, _TRAIN_EVAL)
+    return fig
+
+
+def plot_preference(runs: list[Run], colors: list[Any]):
+    """Does the model prefer chosen: log odds ratio, accuracy (share of pairs) and margin, train and eval."""
+    fig, axes = _figure(3)
+    titles = {"log_odds_ratio": "log odds ratio (chosen vs rejected)", "accuracy": "accuracy (logp chosen > rejected)",
+              "margin": "margin (logp chosen − rejected)"}
+    for ax, key in zip(axes, titles, strict=True):
+        for run, color in zip(runs, colors, strict=True):
+            _curve(ax, run, key, color, None)
+        ax.set_title(titles[key])
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    axes[1].axhline(0.5, color="0.5", linewidth=0.8, linestyle=":")
+    _run_legend(fig, runs, colors, _TRAIN_EVAL)
+    return fig
+
+
+def plot_optim(runs: list[Run], colors: list[Any]):
+    """Learning rate and gradient norm (before clipping)."""
+    fig, (lr_ax, gn_ax) = _figure(2)
+    for run, color in zip(runs, colors, strict=True):
+        _curve(lr_ax, run, "lr", color, None, evals=False, smooth=False)
+        _curve(gn_ax, run, "grad_norm", color, None, evals=False)
+    lr_ax.set_title("learning rate")
+    gn_ax.set_title("gradient norm (before clipping)")
+    if any(v > 0 for run in runs for v in _series(run.train, "grad_norm")[1]):
+        gn_ax.set_yscale("log")
+    for a in (lr_ax, gn_ax):
+        a.set_xlabel("step")
+        a.grid(alpha=0.3)
+    _run_legend(fig, runs, colors)
+    return fig
+
+
+# ------------------------------------------------------------------------------ the page
+
+
+def write_report(run_dirs: list[Path], out_dir: Path, names: list[str] | None = None) -> Path:
+    """Figures + one self-contained HTML page for the runs in ``run_dirs``; returns the HTML's path.
+
+    Every folder is read before anything is written: a folder that is not a run raises
+    ``NotARunError`` and leaves ``out_dir`` untouched.
+    """
+    run_dirs = [Path(p) for p in run_dirs]
+    if not run_dirs:
+        raise NotARunError("no run folders given")
+    if names is not None and len(names) != len(run_dirs):
+        raise ValueError(f"{len(names)} names for {len(run_dirs)} runs")
+    runs = [load_run(p, n) for p, n in zip(run_dirs, names or default_names(run_dirs), strict=True)]
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    colors = _colors(len(runs))
+    pngs: dict[str, bytes] = {}
+    plots = {"logps": plot_logps, "loss": plot_loss, "preference": plot_preference, "optim": plot_optim}
+    for name in FIGURES:
+        fig = plots[name](runs, colors)
+        fig.savefig(out_dir / f"{name}.png", format="png")
+        pngs[name] = (out_dir / f"{name}.png").read_bytes()
+    summaries = [run_summary(r) for r in runs]
+    (out_dir / "summary.json").write_text(json.dumps(summaries, indent=2, ensure_ascii=False))
+    page = out_dir / "report.html"
+    tmp = out_dir / ".report.html.tmp"
+    tmp.write_text(_html(runs, summaries, pngs, colors), encoding="utf-8")
+    os.replace(tmp, page)
+    return page
+
+
+_CSS = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1300px; color: #222; }
+table { border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 0.9em; }
+th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; vertical-align: top; }
+th { background: #f3f3f3; } td.l, th.l { text-align: left; }
+img { max-width: 100%; border: 1px solid #eee; margin: 0.5em 0; }
+pre { background: #f7f7f7; padding: 0.6em; overflow-x: auto; font-size: 0.85em; white-space: pre-wrap; }
+.swatch { display: inline-block; width: 0.9em; height: 0.9em; margin-right: 0.4em; vertical-align: middle; }
+.sample td { text-align: left; white-space: pre-wrap; font-family: ui-monospace, monospace; font-size: 0.8em; }
+details { margin: 0.4em 0 1em; }
+"""
+
+_CAPTIONS = {
+    "logps": "Chosen (solid) and rejected (dashed) log-probs of every run, then per run their change since "
+             "step 0 (each on its own scale; the shaded band is the gap). SFT on the chosen responses tends to "
+             "raise the rejected ones too; a preference term should hold them down.",
+    "loss": "Loss, the NLL of the chosen responses (comparable across objectives) and each objective's own term.",
+    "preference": "Whether the model prefers the chosen response: log odds ratio, accuracy and margin of the "
+                  "length-averaged log-probs.",
+    "optim": "Learning rate and gradient norm.",
+}
+
+
+def _fmt(v: Any, signed: bool = False) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:+.3f}" if signed else f"{v:.3f}"
+    return html.escape(str(v))
+
+
+def _html(runs: list[Run], summaries: list[dict[str, Any]], pngs: dict[str, bytes], colors: list[Any]) -> str:
+    from matplotlib.colors import to_hex
+
+    e = html.escape
+    out = ["<!doctype html><html><head><meta charset='utf-8'><title>orpo report</title>",
+           f"<style>{_CSS}</style></head><body>",
+           f"<h1>orpo report</h1><p>{len(runs)} run(s), written {datetime.now():%Y-%m-%d %H:%M}. In the "
+           "figures, thin lines are train batches (smoothed when there are many steps, the raw values faint "
+           "behind) and markers are evals: the eval set is the same at every eval, so those are the numbers "
+           "to compare.</p>",
+           "<h2>Final eval</h2><table><tr><th class='l'>run</th><th class='l'>objective</th><th>step</th>"
+           "<th>accuracy</th><th>margin</th><th>log odds ratio</th><th>logp chosen</th><th>logp rejected</th>"
+           "<th>Δ chosen</th><th>Δ rejected</th><th>NLL</th><th>best step</th></tr>"]
+    for run, s, color in zip(runs, summaries, colors, strict=True):
+        f, c, b = s.get("final", {}), s.get("change", {}), s.get("best", {})
+        out.append(f"<tr><td class='l'><span class='swatch' style='background:{to_hex(color)}'></span>{e(run.name)}</td>"
+                   f"<td class='l'>{e(run.objective_label)}</td><td>{_fmt(f.get('step'))}</td>"
+                   f"<td>{_fmt(f.get('accuracy'))}</td><td>{_fmt(f.get('margin'), True)}</td>"
+                   f"<td>{_fmt(f.get('log_odds_ratio'), True)}</td><td>{_fmt(f.get('logps_chosen'))}</td>"
+                   f"<td>{_fmt(f.get('logps_rejected'))}</td><td>{_fmt(c.get('logps_chosen'), True)}</td>"
+                   f"<td>{_fmt(c.get('logps_rejected'), True)}</td><td>{_fmt(f.get('nll_loss'))}</td>"
+                   f"<td>{_fmt(b.get('step'))}</td></tr>")
+    out.append("</table><p>Eval numbers at the last eval; Δ = change since the first eval (step 0). "
+               "Best step: lowest eval loss of the run's own objective (losses of different objectives do "
+               "not compare).</p>")
+    for name in FIGURES:
+        data = base64.b64encode(pngs[name]).decode()
+        out.append(f"<h2>{e(name)}</h2><p>{e(_CAPTIONS[name])}</p><img alt='{e(name)}' "
+                   f"src='data:image/png;base64,{data}'>")
+    for run, s in zip(runs, summaries, strict=True):
+        out.append(f"<h2>Run {e(run.name)}</h2><p><code>{e(str(run.path))}</code> · {e(run.objective_label)} · "
+                   f"{s['steps']} steps</p>")
+        out.append(_eval_table(s))
+        if run.warnings:
+            out.append("<h3>Warnings</h3><ul>" + "".join(
+                f"<li>step {w['step']}: <b>{e(str(w['warning']))}</b> {e(str(w.get('message', '')))}</li>"
+                for w in run.warnings) + "</ul>")
+        out.append(_samples_table(run))
+        if run.data_summary:
+            out.append(_data_table(run.data_summary))
+        out.append(f"<details><summary>config.yaml</summary><pre>{e(yaml.safe_dump(run.config, sort_keys=False))}"
+                   "</pre></details>")
+    out.append("</body></html>")
+    return "\n".join(out)
+
+
+def _eval_table(s: dict[str, Any]) -> str:
+    if "final" not in s:
+        return "<p>No eval rows (set data.eval or data.eval_fraction, and train.eval_every).</p>"
+    head = "".join(f"<th>{k}</th>" for k in TABLE_KEYS)
+    rows = [f"<tr><td class='l'>{label} (step {s[which]['step']})</td>"
+            + "".join(f"<td>{_fmt(s[which].get(k))}</td>" for k in TABLE_KEYS) + "</tr>"
+            for label, which in (("final", "final"), ("best", "best"))]
+    return f"<table><tr><th class='l'>eval</th>{head}</tr>{''.join(rows)}</table>"
+
+
+def _samples_table(run: Run) -> str:
+    if not run.samples:
+        return "<p>No samples (set train.eval_generate: N to see completions of N eval prompts at each eval).</p>"
+    last = max(r["step"] for r in run.samples)
+    e = html.escape
+    rows = "".join(f"<tr><td>{e(r['prompt'][-600:])}</td><td>{e(r['completion'])}</td><td>{e(r['chosen'])}</td>"
+                   f"<td>{e(r['rejected'])}</td></tr>" for r in run.samples if r["step"] == last)
+    return (f"<h3>Samples at step {last} (greedy)</h3><table class='sample'><tr><th class='l'>prompt (end)</th>"
+            f"<th class='l'>completion</th><th class='l'>chosen</th><th class='l'>rejected</th></tr>{rows}</table>")
+
+
+def _data_table(d: dict[str, Any]) -> str:
+    e = html.escape
+    dropped = ", ".join(f"{k}: {v}" for k, v in d.get("dropped", {}).items()) or "none"
+    items = [("source", d.get("source")), ("eval source", d.get("eval_source") or "held out from train"),
+             ("format / template", f"{d.get('format')} / {d.get('template')}"), ("pairs", d.get("pairs")),
+             ("train / eval", f"{d.get('train_size')} / {d.get('eval_size')}"), ("dropped", dropped),
+             ("truncated", d.get("truncated")), ("max_length", d.get("max_length"))]
+    lengths = d.get("lengths", {})
+    items += [(f"{k} tokens p50 / p90 / max", f"{v['p50']} / {v['p90']} / {v['max']}") for k, v in lengths.items()]
+    rows = "".join(f"<tr><td class='l'>{e(k)}</td><td class='l'>{e(str(v))}</td></tr>" for k, v in items)
+    return f"<h3>Data</h3><table>{rows}</table>"
