@@ -224,3 +224,12 @@ def test_readme_notebook_example_runs(shared_dir, tmp_path, monkeypatch, one_thr
     exec(compile(code, "README.md (notebook example)", "exec"), namespace)
     assert (tmp_path / "notebook" / "final" / "model.safetensors").is_file()
     assert namespace["result"].steps > 0
+
+
+def test_cli_without_data_train_exits_2(tmp_path, capsys):
+    from orpo.cli import main
+
+    path = tmp_path / "nodata.yaml"
+    path.write_text(f"model:\n  name_or_path: {QS / 'tokenizer'}\n")
+    assert main(["preprocess", str(path)]) == 2
+    assert "no training data: set data.train" in capsys.readouterr().err

@@ -82,6 +82,8 @@ class AuditReport:
         head.add_row("rows / pairs", f"{self.rows} rows read, {self.pairs} valid pairs")
         drops = ", ".join(f"{k}: {v}" for k, v in sorted(self.dropped.items(), key=lambda kv: -kv[1]))
         head.add_row("dropped", f"{sum(self.dropped.values())}" + (f"  ({drops})" if drops else ""))
+        if self.first_errors:
+            head.add_row("first bad row", self.first_errors[0])
         if self.accuracy is not None:
             head.add_row("model accuracy", f"{self.accuracy:.3f}  (share of pairs whose chosen response is the more "
                          "likely one, before training)")
@@ -93,8 +95,9 @@ class AuditReport:
         if checks is not None:
             console.print(checks)
         if self.label_noise_candidates:
-            noise = Table(title=f"Label-noise candidates: the pairs the model prefers the rejected response of most "
-                          f"({self.row_numbers}, log odds ratio)", title_justify="left", show_header=False)
+            console.print(f"Label-noise candidates: the pairs the model prefers the rejected response of most "
+                          f"strongly: {self.row_numbers} (log odds ratio)")
+            noise = Table(show_header=False)
             cells = [f"{c['row']} ({c['log_odds_ratio']:+.2f})" for c in self.label_noise_candidates]
             for start in range(0, len(cells), 5):
                 noise.add_row(*cells[start : start + 5])

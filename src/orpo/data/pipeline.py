@@ -1,8 +1,11 @@
-"""``prepare_data``: read -> normalize -> split -> render + tokenize -> drop -> summary, cached on disk.
+"""``prepare_data``: read -> normalize -> mix -> split -> render + tokenize -> drop -> checks -> summary,
+cached on disk.
 
-The cache key (``fingerprint``) covers everything that can change the tokenized rows: the data
-bytes, the tokenizer's full serialization, the template text, the format settings, every length
-limit, ``max_samples``, the eval settings and seed, and ``PIPELINE_VERSION``. A changed input is
+The cache key (``fingerprint``) covers everything that can change the tokenized rows and the
+summary: the data bytes (the content, for rows given in memory), each source's settings and weight,
+the tokenizer's full serialization, the template text, the format settings, every length limit,
+``max_samples``, the eval settings, the seed when anything is sampled, and ``PIPELINE_VERSION``. A
+changed input is
 a new key, never a stale hit. Entries are written to a temporary folder and renamed into place,
 so an interrupted run never leaves a half-written entry that a later run would trust.
 """
