@@ -1,4 +1,6 @@
-"""LoRA runs on the real stories260K model: adapter output, merge, resume of an adapter checkpoint."""
+"""LoRA runs on the real stories260K model: adapter output, merge, resume of an adapter checkpoint.
+
+What the adapter holds (modules, dropout, PEFT's options) is tested in test_lora_adapter.py."""
 
 from __future__ import annotations
 
@@ -7,10 +9,12 @@ import json
 import pytest
 import torch
 from peft import AutoPeftModelForCausalLM
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from orpo.config import load_config
 from orpo.train import Trainer, load_for_inference, merge_lora, read_metrics
+from orpo.train.model import adapted_layers
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -79,6 +83,38 @@ def test_lora_resume_from_a_checkpoint_path_matches(lora_run, stories_dir, hh_pa
 
     assert strip(read_metrics(tmp_path / "resumed")) == strip(read_metrics(lora_run.output_dir))
     assert len(strip(read_metrics(tmp_path / "resumed"))) == 2
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_lora_dropout_run_killed_and_resumed_matches_the_uninterrupted_run(lora_run, stories_dir, hh_path, tmp_path):
+    """Dropout 0.1 on every adapter input: its draws come from the checkpointed RNG, so the resumed
+    steps draw the same masks as the uninterrupted run and the metrics and weights match exactly."""
+    model = lora_run.accelerator.unwrap_model(lora_run.model)
+    assert {m.lora_dropout["default"].p for m in adapted_layers(model).values()} == {0.1}
+
+    def stop_after_3(trainer):
+        if trainer.state.step == 3:
+            raise Interrupt
+
+    out = tmp_path / "killed"
+    with pytest.raises(Interrupt):
+        Trainer(_cfg(out, {"name_or_path": str(stories_dir)}, hh_path), progress=False,
+                on_step_end=stop_after_3).setup().train()
+    assert not (out / "final").exists()
+    resumed = Trainer(_cfg(out, {"name_or_path": str(stories_dir)}, hh_path, resume="auto"), progress=False).setup()
+    resumed.train()
+    assert resumed.resume_from.name == "step-2"
+
+    def strip(rows):
+        return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in rows]
+
+    assert strip(read_metrics(out)) == strip(read_metrics(lora_run.output_dir))
+    a = load_file(str(out / "final" / "adapter_model.safetensors"))
+    b = load_file(str(lora_run.output_dir / "final" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_lora_on_a_fresh_init_model_saves_its_base_and_merges(stories_dir, hh_path, tmp_path):

@@ -158,7 +158,7 @@ def test_final_model_reloads_with_the_same_logits(reference):
 def test_evaluating_the_final_folder_reproduces_the_last_eval_row(reference):
     trainer, rows = reference
     model, tokenizer = load_for_inference(str(trainer.output_dir / "final"))
-    m = evaluate(model, trainer.data.eval, tokenizer.pad_token_id, batch_size=2, beta=0.1)  # as `orpo eval`
+    m = evaluate(model, trainer.data.eval, tokenizer.pad_token_id, batch_size=2)  # as `orpo eval`
     last = [r for r in rows if "eval_loss" in r][-1]
     for key in ("loss", "nll_loss", "or_loss", "accuracy", "logps_chosen", "logps_rejected", "log_odds_ratio"):
         assert m[key] == pytest.approx(last[f"eval_{key}"], rel=1e-5, abs=1e-6), key

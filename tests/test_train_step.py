@@ -69,14 +69,17 @@ def test_accumulation_gives_the_gradient_and_loss_of_one_big_batch(tmp_path, sto
     rows = _rows(big, 8)
     collate = partial(_collate, layout=big.layout, objective=big.objective, keep_mode=big.keep_mode)
 
-    m_big = big._forward_backward([collate(rows)]).finalize(0.5, normalized=True)
+    m_big = big._forward_backward([collate(rows)]).finalize()
     micro = [collate(rows[i : i + 2]) for i in range(0, 8, 2)]
-    m_small = small._forward_backward(micro).finalize(0.5, normalized=True)
+    m_small = small._forward_backward(micro).finalize()
 
     for key in ("loss", "nll_loss", "or_loss", "log_odds_ratio", "logps_chosen", "logps_rejected", "accuracy",
                 "margin"):
         assert m_small[key] == pytest.approx(m_big[key], rel=1e-5, abs=1e-7), key
-    assert (m_small["pairs"], m_small["nll_tokens"]) == (m_big["pairs"], m_big["nll_tokens"]) == (8, m_big["nll_tokens"])
+    # NLL targets of a pair: its chosen response tokens (every token after the prompt), from the rows themselves
+    response_tokens = sum(len(r["chosen_input_ids"]) - r["chosen_prompt_len"] for r in rows)
+    assert all(r["chosen_prompt_len"] >= 1 for r in rows)
+    assert (m_small["pairs"], m_small["nll_tokens"]) == (m_big["pairs"], m_big["nll_tokens"]) == (8, response_tokens)
     for (name, p), q in zip(big.model.named_parameters(), small.model.parameters(), strict=True):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-7, msg=name)
 
@@ -110,8 +113,11 @@ def test_logits_to_keep_is_exact(trainer, nll_on_prompt):
     ref, ref_grads = results[None]
     for mode in ("mask", "positions"):
         out, grads = results[mode]
-        for key in ("loss", "nll_loss", "or_loss", "logps_chosen", "logps_rejected"):
-            torch.testing.assert_close(getattr(out, key), getattr(ref, key), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(out.loss, ref.loss, rtol=1e-6, atol=1e-6)
+        for name in ("nll_loss", "or_loss"):
+            torch.testing.assert_close(out.term_sums[name], ref.term_sums[name], rtol=1e-6, atol=1e-6)
+        for name in ("logps_chosen", "logps_rejected", "log_odds_ratio"):
+            torch.testing.assert_close(out.pair_sums[name], ref.pair_sums[name], rtol=1e-6, atol=1e-6)
         for g, r in zip(grads, ref_grads, strict=True):
             torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-7)
 
@@ -124,8 +130,8 @@ def test_gradient_checkpointing_changes_nothing_but_memory(tmp_path, stories_dir
     on = [getattr(t.model, "is_activation_checkpointing", None) for t in (ckpt, plain)]
     assert on == [True, False]
     batch = _collate(_rows(plain, 4), layout=plain.layout, objective=plain.objective, keep_mode=plain.keep_mode)
-    a = ckpt._forward_backward([batch]).finalize(0.5, normalized=True)
-    b = plain._forward_backward([batch]).finalize(0.5, normalized=True)
+    a = ckpt._forward_backward([batch]).finalize()
+    b = plain._forward_backward([batch]).finalize()
     assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
     for p, q in zip(ckpt.model.parameters(), plain.model.parameters(), strict=True):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7)
@@ -141,7 +147,7 @@ def test_epochs_set_the_number_of_steps(tmp_path, stories_dir, short_pairs):
 def test_evaluate_weights_by_tokens_and_pairs_not_batches(trainer):
     data = trainer.train_data
     model = trainer.model
-    results = [evaluate(model, data, trainer.layout, batch_size=bs, beta=0.5) for bs in (1, 3, len(data))]
+    results = [evaluate(model, data, trainer.layout, batch_size=bs, objective=ORPOObjective(beta=0.5)) for bs in (1, 3, len(data))]
     assert model.training  # restored after eval
     for r in results[1:]:
         for key, value in results[0].items():

@@ -12,7 +12,8 @@ import os
 import sys
 from collections.abc import Sequence
 
-EXIT_USAGE = 2
+EXIT_USAGE = 2  # bad configuration or data: one message, nothing trained
+EXIT_STOPPED = 4  # stopped before the last step when asked (a signal): resume with train.resume=auto
 
 TRAIN_EPILOG = """\
 CONFIG is a YAML file with sections model, data, orpo, train; any key can be overridden with
@@ -32,6 +33,9 @@ most strongly; with --eval: eval_prompt_overlap. Exit status 0 whatever it finds
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # Here, not under __main__: the installed `orpo` command calls main() directly. Without it a
+    # tokenizer used before a fork (DataLoader workers, datasets.map) prints the tokenizers warning.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     parser = _parser()
     args = parser.parse_args(argv)
     if args.command is None:
@@ -41,6 +45,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from orpo.config import ConfigError
     from orpo.data import DataError
+    from orpo.train.trainer import TrainingStopped
 
     hf_logging.disable_progress_bar()  # "Loading weights" bars; our own progress is enough
 
@@ -49,6 +54,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, DataError, FileNotFoundError) as e:
         print(f"orpo {args.command}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except TrainingStopped as e:
+        print(f"orpo {args.command}: {e}", file=sys.stderr)
+        return EXIT_STOPPED
     except KeyboardInterrupt:
         print(f"orpo {args.command}: interrupted", file=sys.stderr)
         return 130
@@ -159,6 +167,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from orpo.config import DataConfig
     from orpo.data import prepare_data
     from orpo.train.evaluate import evaluate, load_for_inference, print_eval_table
+    from orpo.train.objective import ORPOObjective
 
     model, tokenizer = load_for_inference(args.model)
     data_cfg = DataConfig(
@@ -167,7 +176,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     )
     prepared = prepare_data(data_cfg, tokenizer, chat_template=args.chat_template)
     print(prepared.summary.render(), file=sys.stderr)
-    m = evaluate(model, prepared.train, tokenizer.pad_token_id, batch_size=args.batch_size, beta=args.beta)
+    m = evaluate(model, prepared.train, tokenizer.pad_token_id, batch_size=args.batch_size,
+                 objective=ORPOObjective(beta=args.beta))
     result = {
         "pairs": m["pairs"],
         "accuracy": m["accuracy"],
@@ -223,5 +233,4 @@ def _cmd_config_doc(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     sys.exit(main())

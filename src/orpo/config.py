@@ -24,17 +24,53 @@ class _Section(BaseModel):
 
 
 class LoraConfig(_Section):
-    """LoRA through PEFT. Present (even empty, ``lora: {}``) means enabled."""
+    """LoRA through PEFT. Present (even empty, ``lora: {}``) means enabled.
+
+    Each key maps to one PEFT ``LoraConfig`` argument (``orpo.train.model.peft_lora_config``); the
+    adapter PEFT builds is read back and compared with these keys on every run.
+    """
 
     r: int = Field(16, gt=0, description="LoRA rank.")
-    alpha: float = Field(32.0, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
-    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
+    alpha: float = Field(
+        32.0, gt=0, description="LoRA scaling numerator: scale = alpha / r (alpha / sqrt(r) with use_rslora)."
+    )
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input (0 = none).")
     target_modules: str | list[str] = Field(
-        "all-linear", description="Module names to adapt; 'all-linear' = every linear layer but the LM head."
+        "all-linear",
+        description="Modules to adapt: 'all-linear' (every linear layer but the LM head), a list of names "
+        "(a module whose name is, or ends with '.' + an entry, e.g. [q_proj, v_proj]), or any other string: a "
+        "regex that must match a module's full name, e.g. '.*\\.(q|v)_proj'.",
+    )
+    layers_to_transform: list[int] | None = Field(
+        None,
+        min_length=1,
+        description="Adapt only these layer indices (the first number in a module's name, e.g. model.layers.3.mlp); "
+        "default: every layer. Works with 'all-linear' and a list, not with a regex.",
     )
     modules_to_save: list[str] | None = Field(
         None, description="Extra modules trained in full and saved with the adapter (e.g. [lm_head])."
     )
+    bias: Literal["none", "all", "lora_only"] = Field(
+        "none", description="Train biases too: none | all (every bias) | lora_only (biases of adapted layers)."
+    )
+    use_dora: bool = Field(
+        False, description="DoRA: a trained magnitude per output feature on top of the LoRA direction update."
+    )
+    use_rslora: bool = Field(False, description="rsLoRA: scale by alpha / sqrt(r) instead of alpha / r.")
+    init_lora_weights: bool | Literal["gaussian", "pissa", "olora"] = Field(
+        True,
+        description="true: B = 0, the adapter starts as a no-op | false: A and B random (debugging) | gaussian: "
+        "A Gaussian, B = 0 | pissa / olora: start from the base weights' principal singular vectors / QR and "
+        "subtract that start from the base (PEFT redoes it on reload; not with model.init).",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> LoraConfig:
+        regex = isinstance(self.target_modules, str) and self.target_modules != "all-linear"
+        if regex and self.layers_to_transform is not None:
+            raise ValueError("layers_to_transform works with target_modules 'all-linear' or a list, not a regex: "
+                             "put the layer numbers in the regex instead")
+        return self
 
 
 class ModelInit(_Section):

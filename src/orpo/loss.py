@@ -122,6 +122,53 @@ class ORPOOutput:
         }
 
 
+@dataclass
+class PairLogps:
+    """Per-pair log-probs of a batch, what every preference objective is computed from.
+
+    ``chosen`` / ``rejected``: length-averaged response log-probs (the paper's log P(y|x)), float32;
+    ``chosen_sum`` / ``rejected_sum`` and ``*_tokens``: their sums and token counts (DPO and CPO use
+    sums); ``nll_sum``: −Σ log P over the NLL's targets (``nll_target_mask``), ``nll_tokens`` their count.
+    """
+
+    chosen: torch.Tensor
+    rejected: torch.Tensor
+    chosen_sum: torch.Tensor
+    rejected_sum: torch.Tensor
+    chosen_tokens: torch.Tensor
+    rejected_tokens: torch.Tensor
+    nll_sum: torch.Tensor
+    nll_tokens: torch.Tensor
+    num_pairs: int
+
+
+def pair_logps(
+    token_logps: torch.Tensor,
+    segment_ids: torch.Tensor,
+    response_mask: torch.Tensor,
+    num_pairs: int,
+    nll_on_prompt: bool = False,
+) -> PairLogps:
+    """Reduce per-target token log-probs to per-pair log-probs and the chosen NLL sum.
+
+    Sequences ``0 .. num_pairs−1`` are the chosen responses and ``num_pairs .. 2·num_pairs−1`` the
+    rejected ones, pair ``i`` being ``(i, num_pairs + i)``. ``token_logps`` holds log P of each target
+    token (any value where there is no target: those positions must have ``segment_ids == −1``).
+    """
+    segment_ids = segment_ids.long()
+    sums, counts = sequence_logps(token_logps, segment_ids, response_mask, 2 * num_pairs)
+    # A sequence without response tokens would be 0/0; the data pipeline never produces one, but a
+    # clamp keeps a hand-built batch from turning the whole step into NaN.
+    logps = sums / counts.clamp(min=1.0)
+    nll_mask = nll_target_mask(segment_ids, response_mask, num_pairs, nll_on_prompt)
+    return PairLogps(
+        chosen=logps[:num_pairs], rejected=logps[num_pairs:],
+        chosen_sum=sums[:num_pairs], rejected_sum=sums[num_pairs:],
+        chosen_tokens=counts[:num_pairs], rejected_tokens=counts[num_pairs:],
+        nll_sum=-_as_float(token_logps)[nll_mask].sum(), nll_tokens=nll_mask.sum(), num_pairs=num_pairs,
+    )
+
+
 def orpo_loss(
     token_logps: torch.Tensor,
     segment_ids: torch.Tensor,
@@ -132,11 +179,7 @@ def orpo_loss(
     nll_normalizer: float | torch.Tensor | None = None,
     or_normalizer: float | torch.Tensor | None = None,
 ) -> ORPOOutput:
-    """ORPO loss from per-target-token log-probs.
-
-    Sequences ``0 .. num_pairs−1`` are the chosen responses and ``num_pairs .. 2·num_pairs−1`` the
-    rejected ones, pair ``i`` being ``(i, num_pairs + i)``. ``token_logps`` holds log P of each target
-    token (any value where there is no target: those positions must have ``segment_ids == −1``).
+    """ORPO loss from per-target token log-probs (layout as in ``pair_logps``).
 
     NLL is a mean over **tokens**, not a mean of per-row means, so a long response weighs what its
     tokens weigh. With ``nll_on_prompt`` the chosen prompt's tokens count too: that is what TRL
@@ -148,38 +191,26 @@ def orpo_loss(
     these global counts makes the summed gradient equal to that of one big batch. Default: this
     batch's own counts.
     """
-    segment_ids = segment_ids.long()
-    n_seq = 2 * num_pairs
-    sums, counts = sequence_logps(token_logps, segment_ids, response_mask, n_seq)
-    # A sequence without response tokens would be 0/0; the data pipeline never produces one, but a
-    # clamp keeps a hand-built batch from turning the whole step into NaN.
-    logps = sums / counts.clamp(min=1.0)
-    logps_chosen, logps_rejected = logps[:num_pairs], logps[num_pairs:]
-
-    nll_mask = nll_target_mask(segment_ids, response_mask, num_pairs, nll_on_prompt)
-    nll_sum = -_as_float(token_logps)[nll_mask].sum()
-    num_nll_tokens = nll_mask.sum()
-    nll_den = nll_normalizer if nll_normalizer is not None else num_nll_tokens.clamp(min=1)
-    nll = nll_sum / nll_den
-
-    per_pair_or = odds_ratio_loss(logps_chosen, logps_rejected)
+    lp = pair_logps(token_logps, segment_ids, response_mask, num_pairs, nll_on_prompt)
+    nll_den = nll_normalizer if nll_normalizer is not None else lp.nll_tokens.clamp(min=1)
+    nll = lp.nll_sum / nll_den
     or_den = or_normalizer if or_normalizer is not None else max(num_pairs, 1)
-    or_loss = per_pair_or.sum() / or_den
+    or_loss = odds_ratio_loss(lp.chosen, lp.rejected).sum() / or_den
 
     loss = nll + beta * or_loss
     with torch.no_grad():
-        ratio = log_odds(logps_chosen) - log_odds(logps_rejected)
+        ratio = log_odds(lp.chosen) - log_odds(lp.rejected)
         return ORPOOutput(
             loss=loss,
             nll_loss=nll.detach(),
             or_loss=or_loss.detach(),
             log_odds_ratio=ratio.mean(),
-            logps_chosen=logps_chosen.mean(),
-            logps_rejected=logps_rejected.mean(),
-            accuracy=(logps_chosen > logps_rejected).float().mean(),
-            margin=(logps_chosen - logps_rejected).mean(),
+            logps_chosen=lp.chosen.mean(),
+            logps_rejected=lp.rejected.mean(),
+            accuracy=(lp.chosen > lp.rejected).float().mean(),
+            margin=(lp.chosen - lp.rejected).mean(),
             num_pairs=num_pairs,
-            num_nll_tokens=num_nll_tokens,
+            num_nll_tokens=lp.nll_tokens,
         )
 
 

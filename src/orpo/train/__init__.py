@@ -6,9 +6,11 @@ from orpo.train.logger import read_metrics
 from orpo.train.merge import merge_lora
 from orpo.train.model import ensure_pad_token, load_model, load_tokenizer
 from orpo.train.objective import ORPOObjective
-from orpo.train.trainer import Trainer, TrainingDiverged, TrainResult, train
+from orpo.train.trainer import Trainer, TrainingDiverged, TrainingStopped, TrainResult, train
+from orpo.train.watch import Watcher
 
 __all__ = [
-    "ORPOObjective", "ResumeError", "TrainResult", "Trainer", "TrainingDiverged", "ensure_pad_token", "evaluate",
+    "ORPOObjective", "ResumeError", "TrainResult", "Trainer", "TrainingDiverged", "TrainingStopped", "Watcher",
+    "ensure_pad_token", "evaluate",
     "list_checkpoints", "load_for_inference", "load_model", "load_tokenizer", "merge_lora", "read_metrics", "train",
 ]

@@ -12,26 +12,25 @@ from rich.table import Table
 from orpo.data.collate import Layout, PaddedLayout
 from orpo.loss import sequence_logps
 from orpo.train.forward import token_logps
-from orpo.train.model import ensure_pad_token, logits_keep_mode
-from orpo.train.objective import MetricSums, ORPOObjective
+from orpo.train.model import ensure_pad_token, logits_keep_mode, peft_deprecations_silenced
+from orpo.train.objective import MetricSums, Objective, ORPOObjective
 
 
 @torch.no_grad()
-def evaluate(model, dataset, layout: Layout | int, batch_size: int, beta: float = 0.1, nll_on_prompt: bool = False,
+def evaluate(model, dataset, layout: Layout | int, batch_size: int, objective: Objective = ORPOObjective(),
              accelerator=None, device: torch.device | str | None = None,
-             keep_mode: str | None | bool = True, objective: ORPOObjective | None = None) -> dict[str, float]:
-    """ORPO metrics over every pair of ``dataset``, token/pair weighted (not a mean of batch means).
+             keep_mode: str | None | bool = True) -> dict[str, float]:
+    """An objective's metrics over every pair of ``dataset``, token/pair weighted (not a mean of batch means).
 
-    Returns ``loss, nll_loss, or_loss, log_odds_ratio, logps_chosen, logps_rejected, accuracy,
-    margin`` (means over pairs; ``nll_loss`` over response tokens) and the counts ``pairs,
-    nll_tokens, tokens``. With an ``accelerator`` of several processes, batch ``k`` runs on rank
-    ``k mod world`` and the sums are all-reduced, so every rank returns the same numbers.
+    Returns ``loss``, the objective's terms (ORPO: ``nll_loss, or_loss``), its per-pair means (every
+    objective: ``logps_chosen, logps_rejected, accuracy, margin``; ORPO adds ``log_odds_ratio``) and
+    the counts ``pairs, nll_tokens, tokens``. ``objective``: ORPO with λ = 0.1 unless given.
+    With an ``accelerator`` of several processes, batch ``k`` runs on rank ``k mod world`` and the
+    sums are all-reduced, so every rank returns the same numbers.
     ``keep_mode``: True = skip the LM head where there is no target when the model allows it.
     ``layout``: a batch layout, or the pad token id for the default ``PaddedLayout``.
-    The model is put in eval mode (no dropout) and restored to its previous mode. ``objective``
-    replaces the ORPO objective built from ``beta`` / ``nll_on_prompt`` (the trainer passes its own).
+    The model is put in eval mode (no dropout) and restored to its previous mode.
     """
-    objective = objective or ORPOObjective(beta=beta, nll_on_prompt=nll_on_prompt)
     if isinstance(layout, int):
         layout = PaddedLayout(pad_token_id=layout)
     if keep_mode is True:
@@ -41,7 +40,7 @@ def evaluate(model, dataset, layout: Layout | int, batch_size: int, beta: float 
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     if device is None:
         device = accelerator.device if accelerator else next(model.parameters()).device
-    sums = MetricSums(device)
+    sums = MetricSums(objective, device)
     was_training = model.training
     model.eval()
     try:
@@ -52,12 +51,11 @@ def evaluate(model, dataset, layout: Layout | int, batch_size: int, beta: float 
             rows = [dict(zip(rows, vals, strict=True)) for vals in zip(*rows.values(), strict=True)]
             batch = objective.prepare(layout(rows), keep_mode)
             nll_tokens, tokens = objective.nll_tokens(batch), batch.num_tokens()
-            out = objective(model, batch.to(device), nll_normalizer=1.0, or_normalizer=1.0)
-            sums.add(out, nll_tokens=nll_tokens, tokens=tokens)
+            sums.add(objective(model, batch.to(device)), nll_tokens=nll_tokens, tokens=tokens)
     finally:
         model.train(was_training)
     sums.reduce(accelerator)
-    return sums.finalize(objective.beta, normalized=False)
+    return sums.finalize()
 
 
 @torch.no_grad()
@@ -117,8 +115,9 @@ def load_for_inference(name_or_path: str, dtype: str = "auto", device: str | Non
     if (path / "adapter_config.json").is_file():
         from peft import AutoPeftModelForCausalLM
 
-        model = AutoPeftModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype,
-                                                         trust_remote_code=trust_remote_code)
+        with peft_deprecations_silenced():
+            model = AutoPeftModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype,
+                                                             trust_remote_code=trust_remote_code)
     else:
         model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype,
                                                      trust_remote_code=trust_remote_code)

@@ -8,7 +8,7 @@ from transformers import AutoTokenizer
 
 from orpo.config import ConfigError
 from orpo.train.checkpoint import atomic_dir, quiet_saving
-from orpo.train.model import DTYPES
+from orpo.train.model import DTYPES, peft_deprecations_silenced
 
 
 def merge_lora(adapter_dir: str | Path, out_dir: str | Path, dtype: str = "auto",
@@ -24,8 +24,9 @@ def merge_lora(adapter_dir: str | Path, out_dir: str | Path, dtype: str = "auto"
     if not (adapter_dir / "adapter_config.json").is_file():
         raise ConfigError(f"{adapter_dir}: no adapter_config.json, not a LoRA adapter folder")
     torch_dtype = "auto" if dtype == "auto" else DTYPES[dtype]
-    model = AutoPeftModelForCausalLM.from_pretrained(str(adapter_dir), dtype=torch_dtype,
-                                                     trust_remote_code=trust_remote_code)
+    with peft_deprecations_silenced():
+        model = AutoPeftModelForCausalLM.from_pretrained(str(adapter_dir), dtype=torch_dtype,
+                                                         trust_remote_code=trust_remote_code)
     merged = model.merge_and_unload()
     with atomic_dir(out_dir) as tmp, quiet_saving():
         merged.save_pretrained(tmp)

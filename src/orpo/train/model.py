@@ -8,7 +8,12 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
+import math
+import re
 import sys
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,6 +77,10 @@ def load_model(cfg: ModelConfig, tokenizer, seed: int = 42, device_map: Any = No
     """The model to train: pretrained or fresh, optionally QLoRA-quantized, LoRA-wrapped, checkpointed."""
     if cfg.load_in_4bit:
         check_qlora_available()
+    if cfg.lora is not None and cfg.init is not None and cfg.lora.init_lora_weights in ("pissa", "olora"):
+        raise ConfigError(f"model.lora.init_lora_weights={cfg.lora.init_lora_weights} subtracts the adapter's start "
+                          "from the base weights, and a model.init base is saved as trained (final/base): the "
+                          "adapter would not reload onto it. Use it with a pretrained model.name_or_path.")
     if cfg.init is not None:
         model = build_model(cfg, tokenizer, seed)
     else:
@@ -121,22 +130,35 @@ def adapt_model(model, cfg: ModelConfig, tokenizer) -> PreTrainedModel:
     if len(tokenizer) > rows:
         raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens but the model's embedding only {rows}: "
                           "model.tokenizer does not belong to this model")
-    if cfg.gradient_checkpointing:
-        # Non-reentrant checkpointing works with frozen inputs (LoRA) without enable_input_require_grads.
-        # transformers 5.x renamed gradient_checkpointing_enable; keep both spellings working.
-        enable = getattr(model, "activation_checkpointing_enable", None)
-        if enable is not None:
-            enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
     if cfg.load_in_4bit:
         from peft import prepare_model_for_kbit_training
 
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+        # Norms and embeddings to float32, base frozen. Checkpointing is ours (below): PEFT's goes
+        # through the deprecated gradient_checkpointing_enable (a FutureWarning), use_reentrant unset.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     if cfg.lora is not None:
         model = apply_lora(model, cfg.lora, revision=cfg.revision)
+    if cfg.gradient_checkpointing:
+        enable_checkpointing(base_model(model))
     return model
+
+
+def enable_checkpointing(model) -> None:
+    """Non-reentrant activation checkpointing, enabled after any LoRA wrapping.
+
+    Non-reentrant: the adapter gets its gradients although the checkpointed layers' inputs are
+    frozen; the reentrant mode needs PEFT's ``enable_input_require_grads`` workaround for that.
+    After wrapping: PEFT then sees an unchecked model and leaves it alone, so the one input-grad
+    hook is the one transformers registers here (harmless: it only adds the embedding output's
+    gradient to the backward).
+    """
+    # transformers 5.x renamed gradient_checkpointing_enable; keep both spellings working.
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
 
 
 def build_model(cfg: ModelConfig, tokenizer, seed: int) -> PreTrainedModel:
@@ -165,16 +187,191 @@ def build_model(cfg: ModelConfig, tokenizer, seed: int) -> PreTrainedModel:
         return AutoModelForCausalLM.from_config(config, **kwargs)
 
 
+# ---------------------------------------------------------------------------------------------
+# LoRA
+
+
+class LoraMismatchError(ConfigError):
+    """The adapter PEFT built is not the one ``model.lora`` describes."""
+
+
 def apply_lora(model: PreTrainedModel, lora: LoraConfig, revision: str | None = None):
-    """Wrap ``model`` in a PEFT LoRA adapter; only the adapter (and ``modules_to_save``) train."""
-    from peft import LoraConfig as PeftLoraConfig
+    """Wrap ``model`` in a PEFT LoRA adapter and check that it is the configured one (``check_lora``)."""
     from peft import get_peft_model
 
-    peft_cfg = PeftLoraConfig(
-        r=lora.r, lora_alpha=lora.alpha,  # type: ignore[arg-type]  # PEFT says int; the scale alpha/r takes floats lora_dropout=lora.dropout, target_modules=lora.target_modules,
-        modules_to_save=lora.modules_to_save, task_type="CAUSAL_LM", revision=revision,
+    expected = lora_target_names(model, lora)
+    target: str | list[str] = lora.target_modules
+    if target == "all-linear" and lora.layers_to_transform is not None:
+        # PEFT takes a layer subset only with a list of names: spell 'all-linear' out as one.
+        target = sorted({name.rsplit(".", 1)[-1] for name in expected})
+    try:
+        with peft_deprecations_silenced():
+            wrapped = get_peft_model(model, peft_lora_config(lora, target, revision))
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"model.lora: PEFT rejects it: {_one_line(e)}") from None
+    check_lora(wrapped, lora, expected)
+    return wrapped
+
+
+def peft_lora_config(lora: LoraConfig, target_modules: str | list[str] | None = None, revision: str | None = None):
+    """PEFT's ``LoraConfig`` for ``model.lora``: each of our keys is one PEFT argument."""
+    from peft import LoraConfig as PeftLoraConfig
+
+    options: dict[str, Any] = dict(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules if target_modules is None else target_modules,
+        layers_to_transform=lora.layers_to_transform,
+        modules_to_save=lora.modules_to_save,
+        bias=lora.bias,
+        use_dora=lora.use_dora,
+        use_rslora=lora.use_rslora,
+        init_lora_weights=lora.init_lora_weights,
+        task_type="CAUSAL_LM",
+        revision=revision,
     )
-    return get_peft_model(model, peft_cfg)
+    try:
+        return PeftLoraConfig(**options)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"model.lora: PEFT rejects it: {_one_line(e)}") from None
+
+
+@contextmanager
+def peft_deprecations_silenced() -> Iterator[None]:
+    """PEFT 0.21 asks transformers 5 for the deprecated ``is_gradient_checkpointing`` whenever it wraps
+    a model, a FutureWarning about PEFT's code, not the user's. Nothing else is silenced."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*deprecated", category=FutureWarning)
+        yield
+
+
+def _one_line(err: Exception) -> str:
+    text = " ".join(str(err).split())
+    return text if len(text) <= 300 else text[:300] + " ..."
+
+
+def lora_target_names(model: torch.nn.Module, lora: LoraConfig) -> list[str]:
+    """The modules ``lora`` asks to adapt in (unwrapped) ``model``, worked out without PEFT.
+
+    'all-linear': every linear layer (``nn.Linear``, GPT-2's ``Conv1D``) but the output embedding;
+    a list: modules named an entry or ending in '.' + an entry; another string: a regex that
+    must match the full name. Then ``layers_to_transform`` keeps the listed layer indices, and
+    modules in ``modules_to_save`` (trained in full) are never adapted, as in PEFT.
+    """
+    from transformers.pytorch_utils import Conv1D
+
+    target = lora.target_modules
+    output_embeddings = model.get_output_embeddings() if isinstance(model, PreTrainedModel) else None
+    names = []
+    for name, module in model.named_modules():
+        if not name or any(f".{m}." in f".{name}." for m in lora.modules_to_save or []):
+            continue
+        if target == "all-linear":
+            hit = isinstance(module, torch.nn.Linear | Conv1D) and module is not output_embeddings
+        elif isinstance(target, str):
+            hit = re.fullmatch(target, name) is not None
+        else:
+            hit = any(name == t or name.endswith(f".{t}") for t in target)
+        if hit and lora.layers_to_transform is not None:
+            hit = _layer_index(name) in lora.layers_to_transform
+        if not hit:
+            continue
+        children = [n for n, c in module.named_children() if isinstance(c, torch.nn.Linear | Conv1D)]
+        if children and not isinstance(module, torch.nn.MultiheadAttention):
+            raise ConfigError(f"model.lora.target_modules: {name} is a {type(module).__name__}, a block of layers, "
+                              f"not a layer LoRA can adapt: name its layers instead ({', '.join(children)})")
+        names.append(name)
+    return names
+
+
+def _layer_index(name: str) -> int | None:
+    """The layer a module belongs to: the first number in its dotted name (``model.layers.3.mlp`` -> 3)."""
+    parts = name.split(".")
+    return next((int(p) for p in parts[1:-1] if p.isdigit()), None)
+
+
+def adapted_layers(model) -> dict[str, Any]:
+    """The PEFT LoRA layers of a PEFT model, by their name in the transformers model."""
+    from peft.tuners.lora import LoraLayer
+
+    return {n: m for n, m in base_model(model).named_modules() if isinstance(m, LoraLayer)}
+
+
+def check_lora(model, lora: LoraConfig, expected: list[str]) -> None:
+    """Read the adapter back from the PEFT model and compare it with ``lora``; a mismatch is an error.
+
+    Compared: the adapted modules (with ``expected``, from ``lora_target_names``), and per module
+    the dropout, rank, scale and DoRA. Why: in issue 6 two arguments sat in a comment, every run
+    got PEFT's defaults (q_proj and v_proj, no dropout) whatever the YAML said, and nothing showed.
+    Entries that select nothing (a misspelt module, a layer the model lacks, a modules_to_save
+    name PEFT did not find) are errors too: PEFT skips them silently.
+    """
+    from peft.utils import ModulesToSaveWrapper
+
+    adapter = model.active_adapter
+    built = adapted_layers(model)
+    problems = []
+    if set(built) != set(expected):
+        missing = [n for n in expected if n not in built]
+        extra = [n for n in built if n not in set(expected)]
+        problems.append(f"modules: configured {_summary(expected)}, built {_summary(list(built))}"
+                        f"{f'; missing {missing[:3]}' if missing else ''}{f'; unexpected {extra[:3]}' if extra else ''}")
+    scale = lora.alpha / (math.sqrt(lora.r) if lora.use_rslora else lora.r)
+    for name, layer in built.items():
+        drop = layer.lora_dropout[adapter]
+        got = {"dropout": drop.p if isinstance(drop, torch.nn.Dropout) else 0.0, "r": layer.r[adapter],
+               "scale": layer.scaling[adapter], "use_dora": bool(layer.use_dora.get(adapter, False))}
+        want = {"dropout": lora.dropout, "r": lora.r, "scale": scale, "use_dora": lora.use_dora}
+        wrong = [k for k in want if not math.isclose(got[k], want[k], rel_tol=1e-6)]
+        if wrong:
+            problems.append(f"{name}: " + ", ".join(f"{k} configured {want[k]}, built {got[k]}" for k in wrong))
+            break
+    if not isinstance(lora.target_modules, str):
+        for t in lora.target_modules:
+            if not any(n == t or n.endswith(f".{t}") for n in built):
+                problems.append(f"target_modules entry {t!r} matches no module of this model"
+                                f"{' in layers_to_transform' if lora.layers_to_transform else ''}")
+    present = {_layer_index(n) for n in built}
+    for i in lora.layers_to_transform or []:
+        if i not in present:
+            problems.append(f"layers_to_transform: no layer {i} was adapted (adapted layers: "
+                            f"{sorted(x for x in present if x is not None)})")
+    if lora.bias != "none" and not any(n.endswith("bias") and p.requires_grad for n, p in model.named_parameters()):
+        problems.append(f"bias={lora.bias!r} but no bias of this model trains (it has none where that applies)")
+    saved = [n for n, m in base_model(model).named_modules() if isinstance(m, ModulesToSaveWrapper)]
+    for m in lora.modules_to_save or []:
+        if not any(f".{m}." in f".{n}." for n in saved):
+            problems.append(f"modules_to_save entry {m!r} matches no module of this model")
+    if problems:
+        raise LoraMismatchError("model.lora: the adapter PEFT built is not the configured one: " + "; ".join(problems))
+
+
+def describe_lora(model) -> str:
+    """One line for the run's summary, read from the built adapter, e.g.
+    ``LoRA r=16 on 7 module kinds × 32 layers (q k v o gate up down): 41,943,040 trainable``."""
+    cfg = model.peft_config[model.active_adapter]
+    variants = [v for v, on in (("DoRA", cfg.use_dora), ("rsLoRA", cfg.use_rslora)) if on]
+    if cfg.init_lora_weights is not True:
+        variants.append(f"init {cfg.init_lora_weights}")
+    line = f"LoRA r={cfg.r}"
+    if variants:
+        line += " (" + ", ".join(variants) + ")"
+    line += " on " + _summary(list(adapted_layers(model)))
+    if cfg.modules_to_save:
+        line += " + " + " ".join(sorted(cfg.modules_to_save)) + " in full"
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return f"{line}: {trainable:,} trainable"
+
+
+def _summary(names: list[str]) -> str:
+    """``7 module kinds × 4 layers (q k v o gate up down)``, or the counts when not every layer has every kind."""
+    kinds = list(dict.fromkeys(n.rsplit(".", 1)[-1].removesuffix("_proj") for n in names))
+    layers = {_layer_index(n) for n in names}
+    shown = " ".join(kinds)
+    if None not in layers and len(names) == len(kinds) * len(layers):
+        return f"{len(kinds)} module kinds × {len(layers)} layers ({shown})"
+    return f"{len(names)} modules of {len(kinds)} kinds in {len(layers - {None})} layers ({shown})"
 
 
 def check_qlora_available() -> None:

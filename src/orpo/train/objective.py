@@ -1,27 +1,111 @@
-"""The objective the trainer is given: one forward for chosen + rejected, then ``orpo_loss``.
+"""Objectives: what the trainer and ``evaluate`` optimize and report, one small class each.
 
-The trainer and ``evaluate`` only call ``prepare`` (CPU side, in the collate function),
-``nll_tokens`` and ``__call__``; a different preference objective is another small class with
-the same three methods, not another trainer.
+An objective has three methods: ``prepare`` (CPU side, in the collate function: keep only the
+targets it reads), ``nll_tokens`` (the batch's NLL denominator, known on the CPU) and ``__call__``
+(one forward for chosen + rejected through ``forward.token_logps``, then its math). It declares
+its loss as weighted ``terms``, each a sum over the batch normalized per NLL token or per pair, so
+the trainer, the metric sums and the logs never need to know which objective runs: a new
+objective is one new class here, not edits across the trainer, evaluation and logging.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
 
 import torch
 
+from orpo.config import OrpoConfig
 from orpo.data.collate import PreferenceBatch
-from orpo.loss import ORPOOutput, orpo_loss
+from orpo.loss import PairLogps, log_odds, odds_ratio_loss, pair_logps
 from orpo.train.forward import keep_targets, token_logps
+
+Per = Literal["token", "pair"]
+
+# Per-pair means every objective reports, under the same names (the metrics.jsonl contract).
+SHARED_PAIR_METRICS = ("logps_chosen", "logps_rejected", "accuracy", "margin")
+
+
+@dataclass(frozen=True)
+class LossTerm:
+    """One summand of a loss: ``weight · (sum over the batch) / (NLL tokens or pairs of the step)``."""
+
+    name: str
+    weight: float
+    per: Per
+
+
+@dataclass
+class ObjectiveOutput:
+    """The loss to backpropagate and the detached sums the metrics are made of.
+
+    ``loss`` is already divided by the normalizers ``__call__`` was given (the counts of the whole
+    optimizer step), so the micro-batches of one step add up to the step's loss. ``term_sums`` and
+    ``pair_sums`` are raw sums over this batch; ``MetricSums`` divides them by the global counts.
+    """
+
+    loss: torch.Tensor
+    term_sums: dict[str, torch.Tensor]
+    pair_sums: dict[str, torch.Tensor]
+    num_pairs: int
+
+
+class Objective(Protocol):
+    """What the trainer, ``evaluate`` and the logs need from an objective."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def terms(self) -> tuple[LossTerm, ...]: ...
+
+    @property
+    def pair_metrics(self) -> tuple[str, ...]: ...
+
+    def prepare(self, batch: PreferenceBatch, keep_mode: str | None = None) -> PreferenceBatch: ...
+
+    def nll_tokens(self, batch: PreferenceBatch) -> int: ...
+
+    def __call__(self, model, batch: PreferenceBatch, token_normalizer=None,
+                 pair_normalizer=None) -> ObjectiveOutput: ...
+
+
+def combine(terms: tuple[LossTerm, ...], term_sums: dict[str, torch.Tensor], logps: PairLogps,
+            own_pair_metrics: dict[str, torch.Tensor], token_normalizer=None,
+            pair_normalizer=None) -> ObjectiveOutput:
+    """The part every objective shares: weight and normalize the terms, add the shared pair metrics.
+
+    Normalizers default to this batch's own counts. The per-pair metrics are summed, not averaged,
+    so ``MetricSums`` can weight every pair the same across micro-batches, ranks and eval batches.
+    """
+    norms = {"token": token_normalizer if token_normalizer is not None else logps.nll_tokens.clamp(min=1),
+             "pair": pair_normalizer if pair_normalizer is not None else max(logps.num_pairs, 1)}
+    loss = sum(t.weight * term_sums[t.name] / norms[t.per] for t in terms)
+    assert isinstance(loss, torch.Tensor)
+    with torch.no_grad():
+        c, r = logps.chosen, logps.rejected
+        pair_sums = {"logps_chosen": c.sum(), "logps_rejected": r.sum(), "accuracy": (c > r).float().sum(),
+                     "margin": (c - r).sum()}
+        pair_sums.update({k: v.detach().sum() for k, v in own_pair_metrics.items()})
+    return ObjectiveOutput(loss=loss, term_sums={k: v.detach() for k, v in term_sums.items()},
+                           pair_sums=pair_sums, num_pairs=logps.num_pairs)
 
 
 @dataclass(frozen=True)
 class ORPOObjective:
-    """ORPO: NLL on the chosen response (λ = ``beta`` times the odds-ratio term)."""
+    """ORPO: NLL on the chosen response + λ (``beta``) × the odds-ratio term (see ``orpo.loss``)."""
 
     beta: float = 0.1
     nll_on_prompt: bool = False
+    name: str = field(default="orpo", init=False)
+
+    @property
+    def terms(self) -> tuple[LossTerm, ...]:
+        return (LossTerm("nll_loss", 1.0, "token"), LossTerm("or_loss", self.beta, "pair"))
+
+    @property
+    def pair_metrics(self) -> tuple[str, ...]:
+        return (*SHARED_PAIR_METRICS, "log_odds_ratio")
 
     def loss_mask(self, batch: PreferenceBatch) -> torch.Tensor:
         """Target positions whose log-prob the loss reads: responses, plus the chosen prompt if asked."""
@@ -39,37 +123,47 @@ class ORPOObjective:
         """Keep only the targets ``loss_mask`` reads (see ``forward.keep_targets``)."""
         return keep_targets(batch, self.loss_mask(batch), keep_mode)
 
-    def __call__(self, model, batch: PreferenceBatch, nll_normalizer=None, or_normalizer=None) -> ORPOOutput:
-        """Forward chosen and rejected rows together and compute the loss (see ``orpo_loss``)."""
-        return orpo_loss(token_logps(model, batch), batch.segment_ids, batch.response_mask, batch.num_pairs,
-                         beta=self.beta, nll_on_prompt=self.nll_on_prompt, nll_normalizer=nll_normalizer,
-                         or_normalizer=or_normalizer)
+    def __call__(self, model, batch: PreferenceBatch, token_normalizer=None, pair_normalizer=None) -> ObjectiveOutput:
+        """Forward chosen and rejected rows together, then ``−mean NLL + λ · mean(−log σ(log odds ratio))``."""
+        lp = pair_logps(token_logps(model, batch), batch.segment_ids, batch.response_mask, batch.num_pairs,
+                        self.nll_on_prompt)
+        sums = {"nll_loss": lp.nll_sum, "or_loss": odds_ratio_loss(lp.chosen, lp.rejected).sum()}
+        with torch.no_grad():
+            ratio = log_odds(lp.chosen) - log_odds(lp.rejected)
+        return combine(self.terms, sums, lp, {"log_odds_ratio": ratio}, token_normalizer, pair_normalizer)
 
 
-_PAIR_MEANS = ("log_odds_ratio", "logps_chosen", "logps_rejected", "accuracy", "margin")
+def build_objective(cfg: OrpoConfig) -> Objective:
+    """The objective the ``orpo`` config section asks for."""
+    return ORPOObjective(beta=cfg.beta, nll_on_prompt=cfg.nll_on_prompt)
+
+
+def loss_from_means(terms: tuple[LossTerm, ...], means: dict[str, float]) -> float:
+    """The loss an objective's weighted terms add up to, from the terms' means."""
+    return sum(t.weight * means[t.name] for t in terms)
 
 
 class MetricSums:
-    """Running sums of the loss terms (token/pair weighted) over micro-batches, ranks or an eval set.
+    """Running sums of an objective's terms and pair metrics over micro-batches, ranks or an eval set.
 
-    The loss sums stay on the device (adding never syncs) and the counts, known on the CPU from
-    the collated batch, stay Python ints: a whole step needs one all-reduce and one host transfer.
-    Per-pair means of ``ORPOOutput`` are re-weighted by ``num_pairs``, so the final values are means
-    over all pairs, not means of batch means.
+    The sums stay on the device (adding never syncs) and the counts, known on the CPU from the
+    collated batch, stay Python ints: a whole step needs one all-reduce and one host transfer.
+    Everything is summed raw and divided by the global counts at the end, so the values are means
+    over all tokens / pairs, never means of batch means.
     """
 
-    _SUMS = ("nll", "or", *_PAIR_MEANS)
-    _COUNTS = ("pairs", "nll_tokens", "tokens")
+    COUNTS = ("pairs", "nll_tokens", "tokens")
 
-    def __init__(self, device: torch.device | str):
-        self.sums = torch.zeros(len(self._SUMS), dtype=torch.float64, device=device)
+    def __init__(self, objective: Objective, device: torch.device | str):
+        self.terms = objective.terms
+        self.keys = [t.name for t in self.terms] + list(objective.pair_metrics)
+        self.sums = torch.zeros(len(self.keys), dtype=torch.float64, device=device)
         self.counts = [0, 0, 0]
 
-    def add(self, out: ORPOOutput, nll_tokens: int, tokens: int) -> None:
-        n = out.num_pairs
-        parts = [out.nll_loss.detach(), out.or_loss.detach(), *(getattr(out, k) * n for k in _PAIR_MEANS)]
-        self.sums += torch.stack(parts).to(torch.float64)
-        self.counts = [self.counts[0] + n, self.counts[1] + nll_tokens, self.counts[2] + tokens]
+    def add(self, out: ObjectiveOutput, nll_tokens: int, tokens: int) -> None:
+        values = {**out.term_sums, **out.pair_sums}
+        self.sums += torch.stack([values[k].to(self.sums.device) for k in self.keys]).to(torch.float64)
+        self.counts = [self.counts[0] + out.num_pairs, self.counts[1] + nll_tokens, self.counts[2] + tokens]
 
     def reduce(self, accelerator) -> None:
         """Sum over processes (no-op on one): one all-reduce of sums and counts together."""
@@ -77,25 +171,21 @@ class MetricSums:
             return
         counts = torch.tensor(self.counts, dtype=torch.float64, device=self.sums.device)
         both = accelerator.reduce(torch.cat([self.sums, counts]), reduction="sum")
-        self.sums = both[: len(self._SUMS)]
-        self.counts = [int(x) for x in both[len(self._SUMS) :].tolist()]
+        self.sums = both[: len(self.keys)]
+        self.counts = [int(x) for x in both[len(self.keys) :].tolist()]
 
     @property
     def total_loss(self) -> torch.Tensor:
-        """nll + or sums (finite iff both are): what the NaN guard looks at."""
-        return self.sums[0] + self.sums[1]
+        """Sum of the term sums (finite iff every term is): what the NaN guard looks at."""
+        return self.sums[: len(self.terms)].sum()
 
-    def finalize(self, beta: float, normalized: bool) -> dict[str, float]:
-        """Means as Python floats (one host transfer).
-
-        ``normalized``: the NLL/OR sums were already divided by the step's global token/pair
-        counts (training); otherwise they are raw sums, divided here (evaluation).
-        """
-        v = dict(zip(self._SUMS, self.sums.tolist(), strict=True))
+    def finalize(self) -> dict[str, float]:
+        """``loss``, each term's mean, each pair metric's mean and the counts, as Python floats."""
+        v = dict(zip(self.keys, self.sums.tolist(), strict=True))
         pairs, nll_tokens, tokens = self.counts
-        nll = v["nll"] if normalized else v["nll"] / max(nll_tokens, 1)
-        or_ = v["or"] if normalized else v["or"] / max(pairs, 1)
-        out: dict[str, float] = {"loss": nll + beta * or_, "nll_loss": nll, "or_loss": or_}
-        out.update({k: v[k] / max(pairs, 1) for k in _PAIR_MEANS})
+        den = {"token": max(nll_tokens, 1), "pair": max(pairs, 1)}
+        terms = {t.name: v[t.name] / den[t.per] for t in self.terms}
+        out: dict[str, float] = {"loss": loss_from_means(self.terms, terms), **terms}
+        out.update({k: v[k] / max(pairs, 1) for k in self.keys[len(self.terms) :]})
         out.update(pairs=pairs, nll_tokens=nll_tokens, tokens=tokens)
         return out

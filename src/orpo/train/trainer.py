@@ -3,12 +3,14 @@
     setup()   accelerator -> resume decision -> tokenizer -> data -> model -> optimizer
               -> scheduler -> accelerator.prepare -> checkpoint state -> logger
     train()   [eval at step 0] -> per step: fetch grad_accum micro-batches -> _step -> _log
-              -> evaluate / save_checkpoint when due -> [final eval] -> save_final -> summary
+              -> evaluate / save_checkpoint when due -> watchers -> [final eval] -> save_final -> summary
 
-The objective (``ORPOObjective``) and the batch layout (``PaddedLayout``) are passed in, so a new
-objective or layout never means a new trainer. Gradient accumulation and data parallelism never
-change the loss: each micro-batch's NLL and odds-ratio sums are divided by the token and pair
-counts of the whole optimizer step, over all micro-batches and all processes.
+The objective (``Objective``, default from ``cfg.orpo``) and the batch layout (``PaddedLayout``)
+are passed in, so a new objective or layout never means a new trainer; what watches a run (health
+warnings, samples, the best checkpoint, signals) is a ``Watcher`` (``orpo.train.watch``) called at
+fixed moments, so the loop stays this one screen. Gradient accumulation and data parallelism
+never change the loss: each micro-batch's terms are divided by the token and pair counts of the
+whole optimizer step, over all micro-batches and all processes.
 
 Reproducible: the data order is a pure function of (seed, epoch), every RNG is checkpointed, so
 the same config gives the same metrics and a resumed run continues the uninterrupted one step for
@@ -24,7 +26,7 @@ import copy
 import json
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -44,14 +46,16 @@ from orpo.train.evaluate import evaluate
 from orpo.train.logger import MetricsLogger, ProgressBar, Throughput, check_report_to
 from orpo.train.model import (
     adapt_given_model,
+    describe_lora,
     ensure_pad_token,
     is_peft_model,
     load_model,
     load_tokenizer,
     logits_keep_mode,
 )
-from orpo.train.objective import MetricSums, ORPOObjective
+from orpo.train.objective import SHARED_PAIR_METRICS, MetricSums, Objective, build_objective
 from orpo.train.optim import build_optimizer, build_scheduler
+from orpo.train.watch import StepCallback, Watcher
 
 ROW_COLUMNS = ["chosen_input_ids", "chosen_prompt_len", "rejected_input_ids", "rejected_prompt_len"]
 
@@ -66,6 +70,10 @@ class TrainData(Protocol):
 
 class TrainingDiverged(RuntimeError):
     """Too many consecutive steps with a non-finite loss or gradient norm."""
+
+
+class TrainingStopped(RuntimeError):
+    """A watcher asked the run to stop before its last step (e.g. on SIGTERM); the message says how to go on."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -96,7 +104,7 @@ class DataPosition:
     micro_batch: int  # the next micro-batch of `epoch` to use
 
 
-def _collate(rows, layout: Layout, objective: ORPOObjective, keep_mode: str | None) -> PreferenceBatch:
+def _collate(rows, layout: Layout, objective: Objective, keep_mode: str | None) -> PreferenceBatch:
     return objective.prepare(layout(rows), keep_mode)
 
 
@@ -143,6 +151,7 @@ class TrainResult:
     final_dir: Path | None
     output_dir: Path
     last_metrics: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # watchers' closing lines (warnings, best checkpoint, ...)
 
     def render(self) -> str:
         lines = [
@@ -157,6 +166,7 @@ class TrainResult:
                          f"accuracy {b['eval_accuracy']:.3f}")
         lines.append(f"model          {self.final_dir or '(not saved: train.save_final is false)'}")
         lines.append(f"metrics        {self.output_dir / 'metrics.jsonl'}")
+        lines += self.notes
         return "\n".join(lines)
 
 
@@ -180,7 +190,8 @@ class Trainer:
     ``model`` / ``tokenizer``: already loaded objects instead of ``model.name_or_path`` (``model.lora``,
     ``model.dtype``, ``gradient_checkpointing`` and ``chat_template`` still apply; the model object is
     trained in place);
-    ``objective`` / ``layout``: default ``ORPOObjective(cfg.orpo...)`` / ``PaddedLayout(pad id)``;
+    ``objective`` / ``layout``: default ``build_objective(cfg.orpo)`` / ``PaddedLayout(pad id)``;
+    ``watchers``: extra ``Watcher``s (see ``orpo.train.watch``) after the ones the config asks for;
     ``on_step_end(trainer)``: called after each step's logging, eval and checkpoint (tests use it
     to interrupt a run).
     """
@@ -199,18 +210,19 @@ class Trainer:
     logger: MetricsLogger | None
 
     def __init__(self, cfg: Config, *, data: TrainData | None = None, train_data: Any = None, eval_data: Any = None,
-                 model: Any = None, tokenizer: Any = None, objective: ORPOObjective | None = None,
-                 layout: Layout | None = None, console: Console | None = None,
+                 model: Any = None, tokenizer: Any = None, objective: Objective | None = None,
+                 layout: Layout | None = None, console: Console | None = None, watchers: Sequence[Watcher] = (),
                  on_step_end: Callable[[Trainer], None] | None = None, progress: bool = True):
         self.cfg = cfg
         self._given_data, self._given_layout = data, layout
         self._given_rows = (train_data, eval_data)
         self._given_model, self._given_tokenizer = model, tokenizer
-        self.objective = objective or ORPOObjective(beta=cfg.orpo.beta, nll_on_prompt=cfg.orpo.nll_on_prompt)
+        self.objective: Objective = objective or build_objective(cfg.orpo)
         self.console = console or Console(stderr=True)
-        self.on_step_end = on_step_end
+        self.watchers: list[Watcher] = [*watchers] + ([StepCallback(on_step_end)] if on_step_end else [])
         self.show_progress = progress
         self.output_dir = Path(cfg.train.output_dir)
+        self.stop_request: tuple[str, bool] | None = None
 
     # -- setup ------------------------------------------------------------------------------
 
@@ -291,6 +303,8 @@ class Trainer:
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         self._print(f"model: {total:,} parameters, {trainable:,} trainable"
                     f"{' (LoRA)' if is_peft_model(model) else ''}, on {acc.device}")
+        if is_peft_model(model):
+            self._print(describe_lora(model))
         self.model = model
 
     def _setup_scheduler(self) -> None:
@@ -334,9 +348,11 @@ class Trainer:
         self.throughput = Throughput()
         self._print(f"training {self.total_steps} steps of {t.batch_size} x {t.grad_accum} x "
                     f"{self.accelerator.num_processes} pairs (from step {self.state.step})")
-        bar = ProgressBar(self.total_steps, self.state.step, self.console, enabled=self.is_main and self.show_progress)
+        self.bar = bar = ProgressBar(self.total_steps, self.state.step, self.console,
+                                     enabled=self.is_main and self.show_progress)
         try:
             with bar:
+                self._notify("on_start")
                 if self.state.step == 0 and self.eval_data is not None:
                     self.evaluate()
                 stream = self._micro_batches()
@@ -346,25 +362,67 @@ class Trainer:
                     step_started = time.perf_counter()
                     out = self._step([b for b, _ in fetched])
                     self._advance(fetched[-1][1], out, time.perf_counter() - step_started)
-                    row = self._log(out) or row
+                    logged = self._log(out)
+                    row = logged or row
                     bar.update(self.state.step, row)
                     self._check_divergence()
                     if self._due(t.eval_every) and self.eval_data is not None:
                         self.evaluate()
                     if self._due(t.save_every):
                         self.save_checkpoint()
-                    if self.on_step_end is not None:
-                        self.on_step_end(self)
+                    self._notify("on_step", logged)
+                    if self.stop_request is not None:
+                        self._stop()
                 if self.eval_data is not None and self.state.last_eval_step != self.state.step:
                     self.evaluate()
             final_dir = self.save_final() if t.save_final else None
+            result = self._result(time.perf_counter() - started, self.state.tokens_seen - tokens_at_start,
+                                  self.state.train_seconds - seconds_at_start, final_dir, row)
+            self._notify("on_end", result)
         finally:
             if self.logger is not None:
                 self.logger.close()
-        result = self._result(time.perf_counter() - started, self.state.tokens_seen - tokens_at_start,
-                              self.state.train_seconds - seconds_at_start, final_dir, row)
         self._print(result.render())
         return result
+
+    def _notify(self, moment: str, *args: Any) -> None:
+        for watcher in self.watchers:
+            getattr(watcher, moment)(self, *args)
+
+    # -- what watchers may call -------------------------------------------------------------
+
+    def log(self, row: dict[str, Any]) -> None:
+        """Append a row (it must hold ``step``) to metrics.jsonl and the trackers; main process only."""
+        if self.logger is not None:
+            self.logger.log(row)
+
+    def warn(self, code: str, message: str) -> bool:
+        """Report a run-health finding once per run (resumes included): printed, logged, in the summary.
+
+        Returns whether it was new. Every rank keeps the same list, so call it on every rank.
+        """
+        if code in self.state.warnings:
+            return False
+        self.state.warnings[code] = message
+        self.log({"step": self.state.step, "warning": code, "message": message})
+        self._print(f"warning [{code}] at step {self.state.step}: {message}")
+        return True
+
+    def request_stop(self, reason: str, checkpoint: bool = True) -> None:
+        """Stop after the current step (every rank must ask); ``checkpoint``: write one first."""
+        self.stop_request = (reason, checkpoint)
+
+    def _stop(self) -> None:
+        assert self.stop_request is not None
+        reason, checkpoint = self.stop_request
+        saved = None
+        if checkpoint:
+            newest = ckpt.list_checkpoints(self.output_dir)
+            done = bool(newest) and newest[-1].name == f"step-{self.state.step}"
+            saved = newest[-1] if done else self.save_checkpoint()
+        how = (f"resume with train.resume=auto (from {saved})" if saved is not None
+               else "no checkpoint was written")
+        raise TrainingStopped(f"stopped at step {self.state.step} of {self.total_steps}: {reason}; {how}")
 
     def _micro_batches(self) -> Iterator[tuple[PreferenceBatch, DataPosition]]:
         """This rank's micro-batches from the saved data position on (collated + prepared on the CPU)."""
@@ -394,11 +452,11 @@ class Trainer:
         if world > 1:
             counts = acc.reduce(counts, reduction="sum")
         nll_den, or_den = counts.clamp(min=1).unbind()
-        sums = MetricSums(device)
+        sums = MetricSums(self.objective, device)
         for i, (batch, n_tok) in enumerate(zip(micro_batches, nll_tokens, strict=True)):
             last = i == len(micro_batches) - 1
             with contextlib.nullcontext() if last else acc.no_sync(self.model):
-                out = self.objective(self.model, batch.to(device), nll_normalizer=nll_den, or_normalizer=or_den)
+                out = self.objective(self.model, batch.to(device), token_normalizer=nll_den, pair_normalizer=or_den)
                 # Each rank's loss is already divided by the global counts; DDP then averages the
                 # gradients over ranks, so multiply by the world size to get the global sum back.
                 acc.backward(out.loss * world)
@@ -442,14 +500,12 @@ class Trainer:
         s = self.state
         if not (self._due(self.cfg.train.log_every) or s.step == self.total_steps or s.bad_in_a_row):
             return None
-        m = out.sums.finalize(self.objective.beta, normalized=True)
+        m = out.sums.finalize()
         row: dict[str, Any] = {"step": s.step, "epoch": round(s.epoch + s.micro_batch / self.micro_batches_per_epoch, 4)}
-        row.update({k: m[k] for k in ("loss", "nll_loss", "or_loss", "log_odds_ratio", "logps_chosen",
-                                      "logps_rejected", "accuracy", "margin")})
+        row.update({k: v for k, v in m.items() if k not in MetricSums.COUNTS})
         row.update(lr=out.lr, grad_norm=float(out.grad_norm), tokens_per_s=self.throughput.read(),
                    skipped_steps=s.skipped_steps)
-        if self.logger is not None:
-            self.logger.log(row)
+        self.log(row)
         return row
 
     def _check_divergence(self) -> None:
@@ -470,24 +526,26 @@ class Trainer:
         """Eval metrics over the whole eval set, logged as ``eval_*`` at the current step."""
         t = self.cfg.train
         m = evaluate(self.model, self.eval_data, self.layout, t.eval_batch_size or t.batch_size,
-                     beta=self.objective.beta, nll_on_prompt=self.objective.nll_on_prompt,
-                     accelerator=self.accelerator, keep_mode=self.keep_mode, objective=self.objective)
+                     objective=self.objective, accelerator=self.accelerator, keep_mode=self.keep_mode)
         row = {"step": self.state.step, **{f"eval_{k}": v for k, v in m.items()}}
         best = self.state.best_eval
         if math.isfinite(row["eval_loss"]) and (best is None or row["eval_loss"] < best["eval_loss"]):
             self.state.best_eval = {"step": self.state.step, "eval_loss": row["eval_loss"],
                                     "eval_accuracy": row["eval_accuracy"]}
-        if self.logger is not None:
-            self.logger.log(row)
-        self._print(f"step {self.state.step:>5}  eval acc {m['accuracy']:.3f}  log odds ratio "
-                    f"{m['log_odds_ratio']:+.2f}  logp chosen {m['logps_chosen']:.2f}  rejected "
-                    f"{m['logps_rejected']:.2f}")
+        self.log(row)
+        own = [k for k in self.objective.pair_metrics if k not in SHARED_PAIR_METRICS]
+        extra = "".join(f"  {k.replace('_', ' ')} {m[k]:+.2f}" for k in own)
+        self._print(f"step {self.state.step:>5}  eval acc {m['accuracy']:.3f}{extra}  logp chosen "
+                    f"{m['logps_chosen']:.2f}  rejected {m['logps_rejected']:.2f}")
         self.state.last_eval_step = self.state.step
+        self._notify("on_eval", row)
         return row
 
     def save_checkpoint(self) -> Path:
-        return ckpt.save_checkpoint(self.accelerator, self.output_dir, self.model, self.optimizer, self.scheduler,
+        path = ckpt.save_checkpoint(self.accelerator, self.output_dir, self.model, self.optimizer, self.scheduler,
                                     self.state, self.cfg, keep=self.cfg.train.save_total_limit)
+        self._notify("on_save", path)
+        return path
 
     def save_final(self) -> Path:
         """``OUTPUT_DIR/final``: a standard HF folder (or LoRA adapter) + tokenizer with its chat template."""

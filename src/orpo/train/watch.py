@@ -1,0 +1,48 @@
+"""What watches a run plugs into the loop here: one small interface, five moments.
+
+The recipe (``Trainer.train``) stays a plain loop; health warnings, eval generations, the best
+checkpoint, signal handling and the like are ``Watcher`` objects the trainer calls at fixed
+moments. A watcher may read the trainer (model, tokenizer, state, config), write through it
+(``trainer.log``, ``trainer.warn``) and ask it to stop (``trainer.request_stop``); it never
+drives the loop itself. Every rank calls every watcher (a watcher that needs a collective, such as
+saving a sharded model, can do it); only writes to files are main-process only, through the
+trainer's own helpers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from orpo.train.trainer import Trainer, TrainResult
+
+
+class Watcher:
+    """A no-op at every moment; subclasses override what they need."""
+
+    def on_start(self, trainer: Trainer) -> None:
+        """After setup and the resume, before the step-0 eval."""
+
+    def on_step(self, trainer: Trainer, row: dict[str, Any] | None) -> None:
+        """After each optimizer step and its logging (``row`` is None on steps that log nothing)."""
+
+    def on_eval(self, trainer: Trainer, row: dict[str, Any]) -> None:
+        """After each evaluation; ``row`` holds ``step`` and the ``eval_*`` metrics, already logged."""
+
+    def on_save(self, trainer: Trainer, path: Any) -> None:
+        """After a checkpoint was written (every rank) to ``path``."""
+
+    def on_end(self, trainer: Trainer, result: TrainResult) -> None:
+        """After the final save, before the summary is printed (a watcher may add ``result.notes``)."""
+
+
+@dataclass
+class StepCallback(Watcher):
+    """A plain function called after every step (tests use it to interrupt a run at a given step)."""
+
+    fn: Callable[[Trainer], None]
+
+    def on_step(self, trainer: Trainer, row: dict[str, Any] | None) -> None:
+        self.fn(trainer)
