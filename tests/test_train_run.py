@@ -208,7 +208,8 @@ def _weights(trainer) -> torch.Tensor:
 
 
 def _poison_logits(trainer, steps: set[int]) -> None:
+    """NaN logits on ``steps``, from the final hidden states: what every log-prob path (full or chunked) reads."""
     def hook(module, args, output):
         return output * float("nan") if trainer.state.step + 1 in steps else output
 
-    trainer.accelerator.unwrap_model(trainer.model).lm_head.register_forward_hook(hook)
+    trainer.accelerator.unwrap_model(trainer.model).model.norm.register_forward_hook(hook)

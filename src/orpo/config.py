@@ -196,6 +196,15 @@ class DataConfig(_Section):
     cache_dir: str | None = Field(
         None, description="Tokenized-data cache; default $ORPO_CACHE or ~/.cache/orpo."
     )
+    layout: Literal["padded", "packed", "shared_prompt", "packed_shared_prompt"] = Field(
+        "padded",
+        description="How pairs become a forward batch (same loss, log-probs and gradients in every one): "
+        "padded = 2B right-padded rows (every model and attention backend); packed = the 2B sequences "
+        "packed into rows of max_length tokens, no padding (sdpa, eager, flex_attention, "
+        "flash_attention_2); shared_prompt = one row [prompt][chosen][rejected] per pair, the prompt "
+        "computed once (sdpa, eager, flex_attention); packed_shared_prompt = those rows packed. "
+        "See docs/ARCHITECTURE.md, 'Batch layouts'.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> DataConfig:
@@ -268,6 +277,13 @@ class TrainConfig(_Section):
     max_steps: int | None = Field(None, gt=0, description="Optimizer steps; overrides epochs.")
     epochs: float | None = Field(None, gt=0, description="Passes over train when max_steps is unset (default 1).")
     batch_size: int = Field(8, gt=0, description="Pairs per micro-batch (per device).")
+    max_tokens_per_batch: int | None = Field(
+        None,
+        gt=1,
+        description="Form training micro-batches by tokens instead: pairs in data order until their "
+        "chosen + rejected tokens would pass this budget (a longer pair goes alone); replaces batch_size "
+        "for training (eval keeps eval_batch_size). Pairs with data.layout packed*.",
+    )
     eval_batch_size: int | None = Field(None, gt=0, description="Pairs per eval batch; default batch_size.")
     grad_accum: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
     learning_rate: float = Field(8e-6, gt=0, description="Peak learning rate.")
@@ -299,6 +315,17 @@ class TrainConfig(_Section):
         default_factory=list, description="Extra loggers: tensorboard, wandb."
     )
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
+    logps: Literal["auto", "chunked", "full"] = Field(
+        "auto",
+        description="How token log-probs are computed. chunked: from the final hidden states and the LM head's "
+        "weights a chunk of rows at a time, never a [tokens, vocab] logits tensor (exact; logits recomputed in "
+        "backward). full: the model's own logits. auto: chunked where the model allows it (a plain linear LM "
+        "head, also tied or in lora.modules_to_save; Gemma-2 soft-capping, Cohere/Granite scaling), else full "
+        "with a one-line note.",
+    )
+    logps_chunk_size: int | None = Field(
+        None, gt=0, description="Rows per chunk for chunked log-probs; default: ~64 MiB of float32 logits (512 MiB on a GPU)."
+    )
     save_final: bool = Field(True, description="Write output_dir/final/ at the end.")
 
     @model_validator(mode="after")
@@ -320,6 +347,11 @@ class Config(_Section):
         # without data.train, rows come from Python (eval_data too): the trainer checks then
         if self.train.eval_every is not None and not has_eval and self.data.train is not None:
             raise ValueError("train.eval_every needs eval data: set data.eval or data.eval_fraction")
+        flash = "flash" in (self.model.attn_implementation or "")
+        if flash and self.data.layout in ("shared_prompt", "packed_shared_prompt"):
+            raise ValueError(f"data.layout {self.data.layout} needs an attention mask, which "
+                             f"{self.model.attn_implementation} does not take: use data.layout packed, or "
+                             "model.attn_implementation sdpa | eager | flex_attention")
         return self
 
 

@@ -1,6 +1,13 @@
 """The preference-data pipeline: read -> normalize -> template -> tokenize -> collate."""
 
-from orpo.data.collate import PaddedLayout, PreferenceBatch
+from orpo.data.collate import (
+    PackedLayout,
+    PackedSharedPromptLayout,
+    PaddedLayout,
+    PreferenceBatch,
+    SharedPromptLayout,
+    build_layout,
+)
 from orpo.data.formats import Message, NormalizedRows, Pair, normalize
 from orpo.data.pipeline import DataSummary, LengthStats, PreparedData, prepare_data
 from orpo.data.sources import DataError, RowSource, load_rows
@@ -24,12 +31,16 @@ __all__ = [
     "Limits",
     "Message",
     "NormalizedRows",
+    "PackedLayout",
+    "PackedSharedPromptLayout",
     "PaddedLayout",
     "Pair",
     "PreferenceBatch",
     "PreparedData",
     "RenderedPair",
     "RowSource",
+    "SharedPromptLayout",
+    "build_layout",
     "encode_pairs",
     "encode_prompt",
     "load_rows",

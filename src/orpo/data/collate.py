@@ -3,22 +3,36 @@
 A layout turns a list of tokenized rows (``chosen_input_ids``, ``chosen_prompt_len``,
 ``rejected_input_ids``, ``rejected_prompt_len``) into a ``PreferenceBatch``. The loss never sees
 the layout: it only needs, for every position of the model's output, the target token, the
-sequence that target belongs to and whether it is a response token. So a padding-free packed
-layout or a prompt-shared layout (``[prompt][chosen][rejected]`` with a 4D mask) is one new class
-here, with no change to the loss or the training loop.
+sequence that target belongs to and whether it is a response token. So each layout is one class
+here, with no change to the loss or the training loop:
+
+    padded                2B right-padded rows (chosen, then rejected): every model, every backend
+    packed                the 2B sequences packed into rows of at most ``max_length`` tokens, no padding
+                          inside a row; each sequence has its own positions and sees only itself
+    shared_prompt         one row per pair, ``[prompt][chosen][rejected]``: the prompt is computed once
+    packed_shared_prompt  those prompt-shared pairs, packed into rows of ``max_length`` tokens
+
+The layouts other than ``padded`` say who attends to whom with an ``AttentionRule`` and hand it to
+the model in the form its attention backend reads (``attention_inputs``): a 4D bool mask (sdpa),
+an additive float mask (eager), a FlexAttention ``BlockMask`` (flex_attention), or, for packed
+sequences under FlashAttention, one row with ``cu_seq_lens`` (the varlen kernel; no mask at all).
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import torch
 
+from orpo.config import ConfigError
 from orpo.loss import nll_target_mask
 
 IGNORE_INDEX = -100
+
+LAYOUTS = ("padded", "packed", "shared_prompt", "packed_shared_prompt")
 
 
 @dataclass
@@ -29,21 +43,26 @@ class PreferenceBatch:
     −100 where there is none. ``segment_ids[n, t]`` is the sequence that target belongs to: chosen
     of pair ``i`` → ``i``, rejected of pair ``i`` → ``num_pairs + i``, −1 for none.
     ``response_mask[n, t]`` marks targets that are response tokens (prompt targets are False).
+    ``real_tokens``: the pairs' tokens, chosen + rejected counted as separate sequences, so the same
+    number in every layout (a shared prompt is computed once but counts twice): tokens/s then
+    compares layouts by the work done, and no layout needs an ``attention_mask`` to count.
     """
 
-    inputs: dict[str, torch.Tensor]
+    inputs: dict[str, Any]
     labels: torch.Tensor
     segment_ids: torch.Tensor
     response_mask: torch.Tensor
     num_pairs: int
+    real_tokens: int
 
     def to(self, device: torch.device | str) -> PreferenceBatch:
         return PreferenceBatch(
-            inputs={k: v.to(device, non_blocking=True) for k, v in self.inputs.items()},
+            inputs={k: _move(v, device) for k, v in self.inputs.items()},
             labels=self.labels.to(device, non_blocking=True),
             segment_ids=self.segment_ids.to(device, non_blocking=True),
             response_mask=self.response_mask.to(device, non_blocking=True),
             num_pairs=self.num_pairs,
+            real_tokens=self.real_tokens,
         )
 
     def num_nll_tokens(self, nll_on_prompt: bool = False) -> int:
@@ -51,8 +70,22 @@ class PreferenceBatch:
         return int(nll_target_mask(self.segment_ids, self.response_mask, self.num_pairs, nll_on_prompt).sum())
 
     def num_tokens(self) -> int:
-        """Real (non-pad) input tokens, for throughput."""
-        return int(self.inputs["attention_mask"].sum())
+        """Real (non-pad) tokens of the pairs, for throughput (see ``real_tokens``)."""
+        return self.real_tokens
+
+    def num_positions(self) -> int:
+        """Positions the model computes, padding included: what the forward costs."""
+        return self.inputs["input_ids"].numel()
+
+
+def _move(value: Any, device: torch.device | str) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device, non_blocking=True)
+    if hasattr(value, "mask_mod"):  # a FlexAttention BlockMask: its mask_mod reads tensors that move too
+        moved = value.to(device)
+        moved.mask_mod = value.mask_mod.to(device)
+        return moved
+    return value  # ints (max_length_q / max_length_k)
 
 
 class Layout(Protocol):
@@ -101,4 +134,322 @@ class PaddedLayout:
             segment_ids=segment_ids,
             response_mask=response_mask,
             num_pairs=b,
+            real_tokens=int(attention_mask.sum()),
         )
+
+
+# ---------------------------------------------------------------------------------------------
+# Items: what the padding-free layouts place in rows
+
+
+@dataclass
+class _Item:
+    """A run of tokens that attend only among themselves: one sequence, or one prompt-shared pair.
+
+    Per token: ``ids``, ``pos`` (position id), ``branch`` (0 plain/shared prefix, 1 chosen branch,
+    2 rejected branch) and the target of that position (``labels``, ``segment``, ``response``).
+    """
+
+    ids: torch.Tensor
+    pos: torch.Tensor
+    branch: torch.Tensor
+    labels: torch.Tensor
+    segment: torch.Tensor
+    response: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.ids.numel()
+
+    def __getitem__(self, s: slice) -> _Item:
+        return _Item(*(getattr(self, f)[s] for f in _ITEM_FIELDS))
+
+    def on_branch(self, branch: int) -> _Item:
+        return replace(self, branch=torch.full_like(self.branch, branch))
+
+
+_ITEM_FIELDS = ("ids", "pos", "branch", "labels", "segment", "response")
+
+
+def _sequence(seq: Sequence[int], prompt_len: int, segment: int) -> _Item:
+    """One sequence as the padded layout lays it out: position j predicts token j+1."""
+    ids = torch.as_tensor(seq, dtype=torch.long)
+    n = ids.numel()
+    labels = torch.full((n,), IGNORE_INDEX, dtype=torch.long)
+    labels[:-1] = ids[1:]
+    seg = torch.full((n,), segment, dtype=torch.long)
+    seg[-1] = -1
+    response = torch.zeros(n, dtype=torch.bool)
+    response[max(prompt_len - 1, 0) : n - 1] = True
+    return _Item(ids, torch.arange(n), torch.zeros(n, dtype=torch.long), labels, seg, response)
+
+
+def _concat(items: Sequence[_Item]) -> _Item:
+    return _Item(*(torch.cat([getattr(it, f) for it in items]) for f in _ITEM_FIELDS))
+
+
+def separate_items(rows: Sequence[dict[str, Any]]) -> list[_Item]:
+    """Each chosen and each rejected sequence on its own (chosen of pair i -> segment i, rejected -> B + i)."""
+    b = len(rows)
+    return ([_sequence(r["chosen_input_ids"], r["chosen_prompt_len"], i) for i, r in enumerate(rows)]
+            + [_sequence(r["rejected_input_ids"], r["rejected_prompt_len"], b + i) for i, r in enumerate(rows)])
+
+
+def shared_prefix_len(row: dict[str, Any]) -> int:
+    """Tokens a pair's chosen and rejected sequences share in the shared-prompt layout (see ``shared_items``)."""
+    c = torch.as_tensor(row["chosen_input_ids"])
+    r = torch.as_tensor(row["rejected_input_ids"])
+    m = min(c.numel(), r.numel(), row["chosen_prompt_len"], row["rejected_prompt_len"])
+    common = int(torch.cumprod(c[:m] == r[:m], 0).sum())
+    return max(common - 1, 0)
+
+
+def shared_items(rows: Sequence[dict[str, Any]]) -> list[_Item]:
+    """One item per pair: ``[prefix][last prefix token + chosen][last prefix token + rejected]``.
+
+    The last prompt position predicts the first token of *both* responses: one position, two
+    targets. Rather than give a position a second label (which every consumer of ``labels`` would
+    have to know about), the prompt's last token is computed twice, once at the head of each
+    branch, at the same position id and seeing the same prefix, so its hidden state is the same
+    and each copy carries one target. The price is one position per pair; the loss, ``keep_targets``
+    and every log-prob path stay as they are. The prefix is the prompt both sequences start with
+    (tokens, not text: a BPE merge at the boundary can make the two prompts differ by a token),
+    and its targets belong to the chosen sequence, which is where the padded layout's NLL reads
+    prompt targets (``nll_on_prompt``); the rejected prompt's targets are never read.
+    """
+    b = len(rows)
+    items = []
+    for i, row in enumerate(rows):
+        k = shared_prefix_len(row)
+        chosen = _sequence(row["chosen_input_ids"], row["chosen_prompt_len"], i)
+        rejected = _sequence(row["rejected_input_ids"], row["rejected_prompt_len"], b + i)
+        items.append(_concat([chosen[:k], chosen[k:].on_branch(1), rejected[k:].on_branch(2)]))
+    return items
+
+
+def first_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Item indices per row: longest first, each into the first row with room (a longer one alone)."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda j: -lengths[j]):
+        r = next((r for r, free in enumerate(room) if free >= lengths[i]), None)
+        if r is None:
+            rows.append([])
+            room.append(capacity)
+            r = len(rows) - 1
+        rows[r].append(i)
+        room[r] -= lengths[i]
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention
+
+
+@dataclass(eq=False)
+class AttentionRule:
+    """Who attends to whom, the same rule for every padding-free layout and backend.
+
+    Query ``q`` sees key ``k`` (both in row ``b``) when they belong to the same item (``doc``), ``k``
+    is not later (by position id) and ``k`` is shared (branch 0) or on ``q``'s own branch; so
+    packed sequences never see each other and a rejected response never sees the chosen one.
+    Padding has ``doc == -1`` and sees only padding (a query that sees nothing would give NaN).
+    All three are ``[R, T]`` (rows, row length). Callable as a FlexAttention ``mask_mod``.
+    """
+
+    doc: torch.Tensor
+    branch: torch.Tensor
+    pos: torch.Tensor
+
+    def __call__(self, b, h, q, kv):
+        same_doc = self.doc[b, q] == self.doc[b, kv]
+        causal = self.pos[b, kv] <= self.pos[b, q]
+        branch_ok = (self.branch[b, kv] == 0) | (self.branch[b, kv] == self.branch[b, q])
+        return same_doc & causal & branch_ok
+
+    def dense(self) -> torch.Tensor:
+        """``[R, 1, T, T]`` bool, True = attend (R·T² bytes: what the 4D-mask backends read)."""
+        d, br, p = self.doc, self.branch, self.pos
+        same_doc = d[:, :, None] == d[:, None, :]
+        causal = p[:, None, :] <= p[:, :, None]
+        branch_ok = (br[:, None, :] == 0) | (br[:, None, :] == br[:, :, None])
+        return (same_doc & causal & branch_ok).unsqueeze(1)
+
+    def to(self, device: torch.device | str) -> AttentionRule:
+        return AttentionRule(self.doc.to(device), self.branch.to(device), self.pos.to(device))
+
+
+def mask_style(attn_implementation: str | None) -> str:
+    """How a backend takes a padding-free batch: ``bool`` | ``additive`` | ``block`` | ``varlen``.
+
+    sdpa reads a 4D bool mask; eager *adds* the mask to the scores (a bool mask there would add 0/1
+    and mask nothing, so it gets 0/−inf); flex_attention adds a tensor mask too but reads a
+    ``BlockMask`` natively (and skips the blocks it masks); FlashAttention takes no mask: packed
+    sequences go in one row with ``cu_seq_lens`` (its varlen kernel).
+    """
+    name = attn_implementation or "sdpa"
+    if name == "sdpa":
+        return "bool"
+    if name == "eager":
+        return "additive"
+    if name == "flex_attention":
+        return "block"
+    if "flash" in name and "paged" not in name:
+        return "varlen"
+    raise ConfigError(f"attention implementation {name!r} has no padding-free path: use data.layout: padded, "
+                     "or attn_implementation sdpa | eager | flex_attention | flash_attention_2")
+
+
+@dataclass
+class _RowsLayout:
+    """The padding-free layouts' shared half: place items in rows, say who attends to whom.
+
+    ``max_length``: the tokens of a row (a longer item gets a row of its own); ``None`` = one item
+    per row. ``attn_implementation``: the model's attention backend (``mask_style``); ``dtype``:
+    the model's, for eager's additive mask.
+    """
+
+    pad_token_id: int
+    max_length: int | None = None
+    attn_implementation: str | None = "sdpa"
+    dtype: torch.dtype = torch.float32
+    style: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.style = mask_style(self.attn_implementation)
+
+    def items(self, rows: Sequence[dict[str, Any]]) -> list[_Item]:
+        raise NotImplementedError
+
+    def __call__(self, rows: Sequence[dict[str, Any]]) -> PreferenceBatch:
+        items = self.items(rows)
+        lengths = [len(it) for it in items]
+        if self.style == "varlen":
+            placement = [list(range(len(items)))]  # one row, no padding: cu_seq_lens separates the sequences
+        elif self.max_length is None:
+            placement = [[i] for i in range(len(items))]
+        else:
+            placement = first_fit_decreasing(lengths, max(self.max_length, max(lengths)))
+        t = max(sum(lengths[i] for i in row) for row in placement)
+        n = len(placement)
+        ids = torch.full((n, t), self.pad_token_id, dtype=torch.long)
+        pos = torch.zeros((n, t), dtype=torch.long)
+        doc = torch.full((n, t), -1, dtype=torch.long)
+        branch = torch.zeros((n, t), dtype=torch.long)
+        labels = torch.full((n, t), IGNORE_INDEX, dtype=torch.long)
+        segment_ids = torch.full((n, t), -1, dtype=torch.long)
+        response_mask = torch.zeros((n, t), dtype=torch.bool)
+        for r, row in enumerate(placement):
+            at = 0
+            for i in row:
+                it, end = items[i], at + lengths[i]
+                ids[r, at:end], pos[r, at:end], branch[r, at:end], doc[r, at:end] = it.ids, it.pos, it.branch, i
+                labels[r, at:end], segment_ids[r, at:end], response_mask[r, at:end] = it.labels, it.segment, it.response
+                at = end
+        inputs = {"input_ids": ids, "position_ids": pos}
+        inputs.update(self.attention_inputs(AttentionRule(doc, branch, pos), [lengths[i] for i in placement[0]]))
+        real = sum(len(r["chosen_input_ids"]) + len(r["rejected_input_ids"]) for r in rows)
+        return PreferenceBatch(inputs=inputs, labels=labels, segment_ids=segment_ids, response_mask=response_mask,
+                               num_pairs=len(rows), real_tokens=real)
+
+    def attention_inputs(self, rule: AttentionRule, varlen_lengths: list[int]) -> dict[str, Any]:
+        """The rule in the form ``self.style`` reads (``varlen_lengths``: the one row's sequences)."""
+        if self.style == "varlen":
+            if bool((rule.branch != 0).any()):
+                raise ConfigError("FlashAttention's varlen kernel cannot share a prompt between two branches; "
+                                 "use data.layout: packed, or attn_implementation sdpa | eager | flex_attention")
+            cu = torch.tensor([0, *varlen_lengths], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+            longest = max(varlen_lengths)
+            return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
+        if self.style == "block":
+            from torch.nn.attention.flex_attention import create_block_mask
+
+            n, t = rule.doc.shape
+            return {"attention_mask": create_block_mask(rule, n, None, t, t, device="cpu")}
+        allowed = rule.dense()
+        if self.style == "additive":
+            mask = torch.zeros(allowed.shape, dtype=self.dtype).masked_fill_(~allowed, torch.finfo(self.dtype).min)
+            return {"attention_mask": mask}
+        return {"attention_mask": allowed}
+
+
+@dataclass
+class PackedLayout(_RowsLayout):
+    """Padding-free packing: the 2B sequences in rows of at most ``max_length`` tokens (first-fit
+    decreasing), each with position ids from 0 and attention only within itself.
+
+    Computes ~no padding (only the gap at the end of each row; none under FlashAttention, which
+    takes the whole micro-batch as one row). With a 4D mask (sdpa, eager) a row's attention still
+    costs T² over the whole row; FlexAttention skips the masked blocks, FlashAttention never sees them.
+    """
+
+    def items(self, rows: Sequence[dict[str, Any]]) -> list[_Item]:
+        return separate_items(rows)
+
+
+@dataclass
+class SharedPromptLayout(_RowsLayout):
+    """One row per pair, ``[prompt][chosen][rejected]``, the prompt computed once (see ``shared_items``).
+
+    Saves the prompt's tokens once per pair (most of an HH pair), but pads rows to the longest pair;
+    needs a mask (sdpa, eager, flex_attention), not FlashAttention. ``max_length`` set: see
+    ``PackedSharedPromptLayout``.
+    """
+
+    def items(self, rows: Sequence[dict[str, Any]]) -> list[_Item]:
+        return shared_items(rows)
+
+
+@dataclass
+class PackedSharedPromptLayout(SharedPromptLayout):
+    """Prompt-shared pairs packed into rows of ``max_length`` tokens (a longer pair gets its own row):
+    the fewest positions of all layouts; needs a mask (sdpa, eager, flex_attention)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.max_length is None:
+            raise ConfigError("PackedSharedPromptLayout needs max_length (the tokens of a row)")
+
+
+def build_layout(name: str, pad_token_id: int, max_length: int, attn_implementation: str | None = "sdpa",
+                 dtype: torch.dtype = torch.float32) -> Layout:
+    """The layout ``data.layout`` names, for a model with this attention backend and dtype."""
+    if name == "padded":
+        return PaddedLayout(pad_token_id=pad_token_id)
+    if name == "packed":
+        return PackedLayout(pad_token_id, max_length, attn_implementation, dtype)
+    if name == "shared_prompt":
+        layout: Layout = SharedPromptLayout(pad_token_id, None, attn_implementation, dtype)
+    elif name == "packed_shared_prompt":
+        layout = PackedSharedPromptLayout(pad_token_id, max_length, attn_implementation, dtype)
+    else:
+        raise ConfigError(f"unknown layout {name!r}; one of {', '.join(LAYOUTS)}")
+    if mask_style(attn_implementation) == "varlen":
+        raise ConfigError(f"data.layout {name} needs an attention mask, which FlashAttention does not take: "
+                         "use attn_implementation sdpa | eager | flex_attention, or data.layout: packed")
+    return layout
+
+
+def layout_for_model(name: str, model, pad_token_id: int, max_length: int) -> Layout:
+    """``build_layout`` for this model's attention backend and dtype, refusing models it would get wrong.
+
+    The padding-free layouts give the model its position ids and, except under FlashAttention, a
+    4D mask that replaces the one transformers would build: a model whose forward takes no
+    ``position_ids`` (ALiBi models such as Bloom) or that needs a sliding window shorter than a row
+    (the custom mask has none) is refused with a clear message rather than trained wrongly.
+    """
+    if name == "padded":
+        return PaddedLayout(pad_token_id=pad_token_id)
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = inner.config
+    if "position_ids" not in inspect.signature(inner.forward).parameters:
+        raise ConfigError(f"data.layout {name}: {type(inner).__name__} takes no position_ids, so packed "
+                          "sequences cannot restart their positions; use data.layout: padded")
+    impl = getattr(config, "_attn_implementation", None)
+    row = max_length if name == "packed" else 2 * max_length
+    window = getattr(config, "sliding_window", None)
+    if (window and getattr(config, "use_sliding_window", True) and window < row
+            and mask_style(impl) != "varlen"):
+        raise ConfigError(f"data.layout {name}: this model attends within a sliding window of {window} tokens, "
+                          f"which a custom mask does not apply, and a row can hold {row}; use data.layout: padded "
+                          "or attn_implementation flash_attention_2")
+    return build_layout(name, pad_token_id, max_length, impl, inner.dtype)

@@ -291,6 +291,7 @@ def clear_previous_run(output_dir: str | Path) -> None:
 RESUME_KEYS = (
     "model.name_or_path", "model.init", "model.revision", "model.lora", "model.load_in_4bit",
     "orpo.nll_on_prompt", "train.seed", "train.batch_size", "train.grad_accum",
+    "train.max_tokens_per_batch",
 )
 
 

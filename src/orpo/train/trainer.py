@@ -5,12 +5,12 @@
     train()   [eval at step 0] -> per step: fetch grad_accum micro-batches -> _step -> _log
               -> evaluate / save_checkpoint when due -> watchers -> [final eval] -> save_final -> summary
 
-The objective (``Objective``, default from ``cfg.orpo``) and the batch layout (``PaddedLayout``)
-are passed in, so a new objective or layout never means a new trainer; what watches a run (health
-warnings, samples, the best checkpoint, signals) is a ``Watcher`` (``orpo.train.watch``) called at
-fixed moments, so the loop stays this one screen. Gradient accumulation and data parallelism
-never change the loss: each micro-batch's terms are divided by the token and pair counts of the
-whole optimizer step, over all micro-batches and all processes.
+The objective (``Objective``, default from ``cfg.orpo``) and the batch layout (``data.layout``,
+``data/collate.py``) are passed in, so a new objective or layout never means a new trainer; what
+watches a run (health warnings, samples, the best checkpoint, signals) is a ``Watcher``
+(``orpo.train.watch``) called at fixed moments, so the loop stays this one screen. Gradient
+accumulation and data parallelism never change the loss: each micro-batch's terms are divided by
+the token and pair counts of the whole optimizer step, over all micro-batches and all processes.
 
 Reproducible: the data order is a pure function of (seed, epoch), every RNG is checkpointed, so
 the same config gives the same metrics and a resumed run continues the uninterrupted one step for
@@ -40,9 +40,10 @@ from rich.console import Console
 from torch.utils.data import DataLoader
 
 from orpo.config import Config, ConfigError
-from orpo.data.collate import Layout, PaddedLayout, PreferenceBatch
+from orpo.data.collate import Layout, PreferenceBatch, layout_for_model
 from orpo.train import checkpoint as ckpt
 from orpo.train.evaluate import evaluate
+from orpo.train.forward import configure_logps
 from orpo.train.logger import MetricsLogger, ProgressBar, Throughput, check_report_to
 from orpo.train.model import (
     adapt_given_model,
@@ -81,21 +82,62 @@ class TrainingStopped(RuntimeError):
 
 
 def epoch_micro_batches(num_rows: int, batch_size: int, seed: int, epoch: int, rank: int = 0,
-                        num_processes: int = 1) -> list[list[int]]:
+                        num_processes: int = 1, lengths: list[int] | None = None,
+                        max_tokens: int | None = None) -> list[list[int]]:
     """Row indices of this rank's micro-batches in ``epoch``: a pure function of its arguments.
 
     The order is a permutation from a generator seeded with ``seed + epoch`` (never the global
     RNG), so a resumed run can rebuild it and skip to any micro-batch. Each global micro-batch of
     ``batch_size * num_processes`` rows is dealt out round-robin; the last, smaller one is kept
     (the loss is normalized by token counts, so a short batch weighs what its tokens weigh) unless
-    some rank would get nothing.
+    some rank would get nothing. With ``max_tokens`` (and each row's tokens in ``lengths``), see
+    ``token_budget_batches``.
     """
     perm = torch.randperm(num_rows, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+    if max_tokens is not None:
+        assert lengths is not None, "a token budget needs the rows' lengths"
+        return token_budget_batches(perm, lengths, max_tokens, num_processes)[rank::num_processes]
     chunk = batch_size * num_processes
     chunks = [perm[i : i + chunk] for i in range(0, num_rows, chunk)]
     if chunks and len(chunks[-1]) < num_processes:
         chunks.pop()
     return [c[rank::num_processes] for c in chunks]
+
+
+def token_budget_batches(order: list[int], lengths: list[int], max_tokens: int, num_processes: int) -> list[list[int]]:
+    """Rows in ``order`` cut into micro-batches of at most ``max_tokens`` tokens (a longer row alone).
+
+    Rank ``r`` takes micro-batches ``r, r + W, ...``, so every rank must get the same number (DDP
+    steps together): when the last ``W`` are incomplete, the micro-batches with the most rows are
+    split in two (which never passes the budget) until there are ``W``, or, with fewer rows than
+    ranks left, those rows are dropped for this epoch, as with a fixed batch size.
+    """
+    batches: list[list[int]] = []
+    used = max_tokens
+    for i in order:
+        if used + lengths[i] > max_tokens:
+            batches.append([])
+            used = 0
+        batches[-1].append(i)
+        used += lengths[i]
+    whole = len(batches) // num_processes * num_processes
+    tail = batches[whole:]
+    while tail and len(tail) < num_processes:
+        j = max(range(len(tail)), key=lambda k: len(tail[k]))
+        if len(tail[j]) < 2:
+            break
+        half = len(tail[j]) // 2
+        tail[j : j + 1] = [tail[j][:half], tail[j][half:]]
+    return batches[:whole] + (tail if len(tail) == num_processes else [])
+
+
+def pair_tokens(dataset) -> list[int]:
+    """chosen + rejected tokens of each row (for ``train.max_tokens_per_batch``), read column-wise."""
+    import pyarrow.compute as pc
+
+    table = dataset.with_format("arrow")[:]
+    return pc.add(pc.list_value_length(table["chosen_input_ids"]),
+                  pc.list_value_length(table["rejected_input_ids"])).to_pylist()
 
 
 @dataclass
@@ -111,24 +153,24 @@ def _collate(rows, layout: Layout, objective: Objective, keep_mode: str | None) 
 class MicroBatchStream:
     """An endless stream of collated micro-batches, epoch after epoch, from a given position."""
 
-    def __init__(self, dataset, collate: Callable, batch_size: int, seed: int, rank: int, num_processes: int,
+    def __init__(self, dataset, collate: Callable, order: Callable[[int], list[list[int]]], seed: int,
                  num_workers: int, start: DataPosition):
-        self.dataset, self.collate, self.batch_size, self.seed = dataset, collate, batch_size, seed
-        self.rank, self.num_processes, self.num_workers, self.start = rank, num_processes, num_workers, start
-        self.per_epoch = len(epoch_micro_batches(len(dataset), batch_size, seed, 0, rank, num_processes))
+        """``order(epoch)``: this rank's micro-batches of that epoch (``epoch_micro_batches``)."""
+        self.dataset, self.collate, self.order, self.seed = dataset, collate, order, seed
+        self.num_workers, self.start = num_workers, start
 
     def __iter__(self) -> Iterator[tuple[PreferenceBatch, DataPosition]]:
         epoch, first = self.start.epoch, self.start.micro_batch
         while True:
-            order = epoch_micro_batches(len(self.dataset), self.batch_size, self.seed, epoch, self.rank,
-                                        self.num_processes)[first:]
+            whole = self.order(epoch)  # with a token budget, epochs differ in their number of micro-batches
+            per_epoch, order = len(whole), whole[first:]
             # A DataLoader draws a base seed for its workers from its generator at every iter():
             # give it its own so the global RNG (dropout) is untouched by where the run resumed.
             loader = DataLoader(self.dataset, batch_sampler=order, collate_fn=self.collate,
                                 num_workers=self.num_workers, generator=torch.Generator().manual_seed(self.seed))
             for i, batch in enumerate(loader):
                 done = first + i + 1
-                yield batch, (DataPosition(epoch, done) if done < self.per_epoch else DataPosition(epoch + 1, 0))
+                yield batch, (DataPosition(epoch, done) if done < per_epoch else DataPosition(epoch + 1, 0))
             epoch, first = epoch + 1, 0
 
 
@@ -190,7 +232,7 @@ class Trainer:
     ``model`` / ``tokenizer``: already loaded objects instead of ``model.name_or_path`` (``model.lora``,
     ``model.dtype``, ``gradient_checkpointing`` and ``chat_template`` still apply; the model object is
     trained in place);
-    ``objective`` / ``layout``: default ``build_objective(cfg.orpo)`` / ``PaddedLayout(pad id)``;
+    ``objective`` / ``layout``: default ``build_objective(cfg.orpo)`` / the layout ``data.layout`` names;
     ``watchers``: extra ``Watcher``s (see ``orpo.train.watch``) after the ones the config asks for;
     ``on_step_end(trainer)``: called after each step's logging, eval and checkpoint (tests use it
     to interrupt a run).
@@ -263,7 +305,6 @@ class Trainer:
             ensure_pad_token(self.tokenizer)
         else:
             self.tokenizer = load_tokenizer(self.cfg.model)
-        self.layout = self._given_layout or PaddedLayout(pad_token_id=self.tokenizer.pad_token_id)
 
     def _setup_data(self) -> None:
         if self._given_data is not None:
@@ -287,6 +328,11 @@ class Trainer:
         world = self.accelerator.num_processes
         if len(self.train_data) < world:
             raise ConfigError(f"the training set has {len(self.train_data)} pairs, fewer than the {world} processes")
+        t, acc = self.cfg.train, self.accelerator
+        budget = t.max_tokens_per_batch
+        self.epoch_order = partial(epoch_micro_batches, len(self.train_data), t.batch_size, t.seed,
+                                   rank=acc.process_index, num_processes=world, max_tokens=budget,
+                                   lengths=pair_tokens(self.train_data) if budget else None)
 
     def _setup_model(self) -> None:
         acc = self.accelerator
@@ -299,6 +345,13 @@ class Trainer:
             model.to(acc.device)  # before the optimizer, which picks the fused kernel by device
         model.train()
         self.keep_mode = logits_keep_mode(model)
+        logps = configure_logps(model, self.cfg.train.logps, self.cfg.train.logps_chunk_size)
+        if logps.note:
+            self._print(logps.note)
+        # Built here, not with the data: a padding-free layout hands attention to the model in the
+        # form its backend reads (4D mask, BlockMask or varlen), known once the model is loaded.
+        self.layout = self._given_layout or layout_for_model(self.cfg.data.layout, model, self.tokenizer.pad_token_id,
+                                                             self.cfg.data.max_length)
         total = sum(p.numel() for p in model.parameters())
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         self._print(f"model: {total:,} parameters, {trainable:,} trainable"
@@ -308,11 +361,12 @@ class Trainer:
         self.model = model
 
     def _setup_scheduler(self) -> None:
-        t, acc = self.cfg.train, self.accelerator
-        per_epoch = len(epoch_micro_batches(len(self.train_data), t.batch_size, t.seed, 0, acc.process_index,
-                                            acc.num_processes))
-        self.micro_batches_per_epoch = per_epoch
-        self.total_steps = t.max_steps or math.ceil((t.epochs or 1.0) * per_epoch / t.grad_accum)
+        t = self.cfg.train
+        epochs = t.epochs or 1.0
+        counts = [len(self.epoch_order(e)) for e in range(math.ceil(epochs))]  # equal unless a token budget
+        self.micro_batches_per_epoch = counts[0]
+        micro_batches = sum(counts[:-1]) + (epochs - len(counts) + 1) * counts[-1]
+        self.total_steps = t.max_steps or math.ceil(micro_batches / t.grad_accum)
         # Stepped by hand once per optimizer step and never passed to accelerator.prepare(), whose
         # wrapper would step it once per process.
         self.scheduler = build_scheduler(self.optimizer, t, self.total_steps)
@@ -346,7 +400,8 @@ class Trainer:
         started = time.perf_counter()
         tokens_at_start, seconds_at_start = self.state.tokens_seen, self.state.train_seconds
         self.throughput = Throughput()
-        self._print(f"training {self.total_steps} steps of {t.batch_size} x {t.grad_accum} x "
+        size = f"(<= {t.max_tokens_per_batch} tokens)" if t.max_tokens_per_batch else t.batch_size
+        self._print(f"training {self.total_steps} steps of {size} x {t.grad_accum} x "
                     f"{self.accelerator.num_processes} pairs (from step {self.state.step})")
         self.bar = bar = ProgressBar(self.total_steps, self.state.step, self.console,
                                      enabled=self.is_main and self.show_progress)
@@ -426,10 +481,9 @@ class Trainer:
 
     def _micro_batches(self) -> Iterator[tuple[PreferenceBatch, DataPosition]]:
         """This rank's micro-batches from the saved data position on (collated + prepared on the CPU)."""
-        t, acc = self.cfg.train, self.accelerator
+        t = self.cfg.train
         collate = partial(_collate, layout=self.layout, objective=self.objective, keep_mode=self.keep_mode)
-        return iter(MicroBatchStream(self.train_data, collate, t.batch_size, t.seed, acc.process_index,
-                                     acc.num_processes, t.num_workers,
+        return iter(MicroBatchStream(self.train_data, collate, self.epoch_order, t.seed, t.num_workers,
                                      DataPosition(self.state.epoch, self.state.micro_batch)))
 
     def _step(self, micro_batches: list[PreferenceBatch]) -> StepOutput:
