@@ -1,4 +1,4 @@
-"""The `orpo` command line: train, preprocess, eval, generate, merge, checkpoints, report, config-doc.
+"""The `orpo` command line: train, preprocess, audit, eval, generate, merge, checkpoints, report, config-doc.
 
 Every command reports an expected failure (bad configuration or data, a diverged run) as one clear
 message on stderr and its own exit status (``EXIT_*`` below), without a traceback; anything else
@@ -28,6 +28,16 @@ TRAIN_EPILOG = """\
 CONFIG is a YAML file with sections model, data, orpo, train; any key can be overridden with
 key.path=value (parsed as YAML), e.g.  orpo train cfg.yaml train.max_steps=100 orpo.beta=0.2
 Every key, its default and its meaning: docs/configuration.md (or `orpo config-doc`).
+"""
+
+
+AUDIT_EPILOG = """\
+Checks (counts are rows; examples are row numbers: the file line for .jsonl, the 1-based row
+otherwise): duplicates, identical_pairs, conflicting_pairs (same prompt, chosen and rejected
+swapped), near_identical_pairs (< 5% of characters differ), empty_responses, template_leaks,
+control_chars; chosen_longer_share and mean lengths; with --model: truncated_share,
+dropped_by_truncation, the model's accuracy and the 20 pairs it prefers the rejected response of
+most strongly; with --eval: eval_prompt_overlap. Exit status 0 whatever it finds, 2 on bad input.
 """
 
 
@@ -83,6 +93,25 @@ def _parser() -> argparse.ArgumentParser:
     pp.add_argument("config")
     pp.add_argument("overrides", nargs="*", metavar="key.path=value")
     pp.set_defaults(func=_cmd_preprocess)
+
+    a = sub.add_parser("audit", help="find faults in preference data (duplicates, swapped labels, leaks, ...)",
+                       epilog=AUDIT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a.add_argument("data", help="preference data file or hub dataset (read as `orpo train` reads it)")
+    a.add_argument("--format", default="auto", help="auto | standard | implicit | conversational | sharegpt")
+    a.add_argument("--columns", nargs=3, metavar=("PROMPT", "CHOSEN", "REJECTED"), default=None,
+                   help="column names of prompt, chosen and rejected (implies format columns)")
+    a.add_argument("--split", default="train", help="split of a hub dataset (default: train)")
+    a.add_argument("--model", default=None, help="model folder or hub name: token lengths, truncation, and its "
+                   "accuracy and label-noise candidates")
+    a.add_argument("--chat-template", default=None, help="none | chatml | llama3 | zephyr | FILE.jinja")
+    a.add_argument("--max-length", type=int, default=None, help="token limit per sequence (needs --model; "
+                   "default: data.max_length's default)")
+    a.add_argument("--max-prompt-length", type=int, default=None, help="as data.max_prompt_length (needs --model)")
+    a.add_argument("--min-response-tokens", type=int, default=None, help="as data.min_response_tokens (needs --model)")
+    a.add_argument("--eval", default=None, help="eval data: reports eval prompts also present in DATA")
+    a.add_argument("--batch-size", type=int, default=8, help="pairs per forward when scoring with --model")
+    a.add_argument("--json", action="store_true", help="print one JSON object instead of the report")
+    a.set_defaults(func=_cmd_audit)
 
     e = sub.add_parser("eval", help="ORPO metrics of one or several models on preference pairs (one table)")
     e.add_argument("--model", required=True, action="append",
@@ -153,6 +182,18 @@ def _cmd_preprocess(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(cfg.model)
     prepared = prepare_data(cfg.data, tokenizer, chat_template=cfg.model.chat_template, seed=cfg.train.seed)
     print(prepared.summary.render())
+    return 0
+
+
+def _cmd_audit(args: argparse.Namespace) -> int:
+    from orpo.data.audit import audit
+
+    columns = dict(zip(("prompt", "chosen", "rejected"), args.columns, strict=True)) if args.columns else None
+    report = audit(args.data, format=args.format, columns=columns, split=args.split, eval=args.eval,
+                   model=args.model, chat_template=args.chat_template, max_length=args.max_length,
+                   max_prompt_length=args.max_prompt_length, min_response_tokens=args.min_response_tokens,
+                   batch_size=args.batch_size)
+    print(report.dumps() if args.json else report.render())
     return 0
 
 

@@ -82,7 +82,9 @@ class ModelInit(_Section):
 
 class ModelConfig(_Section):
     name_or_path: str | None = Field(
-        None, description="Hub name or local folder of a causal LM. Exactly one of name_or_path / init."
+        None,
+        description="Hub name or local folder of a causal LM. Exactly one of name_or_path / init (or, in "
+        "Python, a model object passed to train()).",
     )
     init: ModelInit | None = Field(
         None, description="Build a fresh model from a config instead, e.g. {arch: llama, hidden_size: 64}."
@@ -107,8 +109,9 @@ class ModelConfig(_Section):
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:
-        if (self.name_or_path is None) == (self.init is None):
-            raise ValueError("set exactly one of model.name_or_path and model.init")
+        # neither is allowed: a model object passed to train() in Python (checked when loading)
+        if self.name_or_path is not None and self.init is not None:
+            raise ValueError("set only one of model.name_or_path and model.init")
         if self.init is not None and self.tokenizer is None:
             raise ValueError("model.init builds a model without a tokenizer: set model.tokenizer too")
         if self.load_in_4bit and self.lora is None:
@@ -125,11 +128,42 @@ class ColumnMap(_Section):
 DataFormat = Literal["auto", "standard", "implicit", "conversational", "sharegpt", "columns"]
 
 
+class DataSource(_Section):
+    """One source of a mixture (``data.train: [ ... ]``); unset keys inherit ``data.*``."""
+
+    path: str = Field(..., description="Local file or hub dataset, the same forms as data.train.")
+    format: DataFormat | None = Field(None, description="Row format of this source; default data.format.")
+    columns: ColumnMap | None = Field(None, description="Column mapping of this source; default data.columns.")
+    split: str | None = Field(None, description="Hub split; default data.train_split.")
+    subset: str | None = Field(None, description="Hub configuration name; default data.subset.")
+    weight: float | None = Field(
+        None, gt=0,
+        description="Relative share of the mixed training set (all sources weighted, or none); sampled "
+        "without replacement, so the source that runs out first sets the size of the mixture.",
+    )
+    max_samples: int | None = Field(
+        None, gt=0, description="Use at most N pairs of this source (a seeded random sample, train.seed)."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, value: Any) -> Any:
+        return {"path": value} if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _check(self) -> DataSource:
+        if self.columns is not None and self.format not in (None, "auto", "columns"):
+            raise ValueError(f"columns implies format 'columns', but format is '{self.format}'")
+        return self
+
+
 class DataConfig(_Section):
-    train: str = Field(
-        ...,
+    train: str | list[DataSource] | None = Field(
+        None,
         description="Local .jsonl/.json/.parquet/.csv (optionally .gz), or a hub dataset 'org/name' "
-        "('org/name:split' picks a split).",
+        "('org/name:split' picks a split); or a list of sources to mix, each {path, format, columns, split, "
+        "subset, weight | max_samples} (see README, Dataset mixing). Required unless train_data is passed "
+        "to train() in Python.",
     )
     train_split: str = Field("train", description="Split of a hub dataset when train has no ':split'.")
     subset: str | None = Field(None, description="Hub dataset configuration name, if it has several.")
@@ -187,7 +221,40 @@ class DataConfig(_Section):
             raise ValueError(f"data.columns implies format 'columns', but format is '{self.format}'")
         if self.format == "columns" and self.columns is None:
             raise ValueError("format 'columns' needs data.columns: {prompt: ..., chosen: ..., rejected: ...}")
+        if isinstance(self.train, list):
+            self._check_mixture(self.train)
         return self
+
+    def _check_mixture(self, sources: list[DataSource]) -> None:
+        if not sources:
+            raise ValueError("data.train is an empty list; give a file, a hub dataset or sources to mix")
+        weighted = [s.weight is not None for s in sources]
+        if any(weighted) and not all(weighted):
+            missing = ", ".join(s.path for s, w in zip(sources, weighted, strict=True) if not w)
+            raise ValueError(f"give every source of data.train a weight, or none (no weight: {missing})")
+        if self.max_samples is not None:
+            raise ValueError("data.max_samples with a list of sources: set max_samples per source instead")
+        for s in sources:
+            fmt = s.format or self.format
+            if fmt == "columns" and (s.columns or self.columns) is None:
+                raise ValueError(f"source {s.path}: format 'columns' needs columns: {{prompt, chosen, rejected}}")
+
+    @property
+    def sources(self) -> list[DataSource]:
+        """``data.train`` as a list of sources with every inherited key filled in ([] when unset)."""
+        if self.train is None:
+            return []
+        given = [DataSource(path=self.train)] if isinstance(self.train, str) else self.train
+        return [
+            s.model_copy(update={
+                "format": s.format or ("columns" if s.columns is not None else self.format),
+                "columns": s.columns or self.columns,
+                "split": s.split or self.train_split,
+                "subset": s.subset or self.subset,
+                "max_samples": s.max_samples if isinstance(self.train, list) else None,
+            })
+            for s in given
+        ]
 
 
 ObjectiveName = Literal["orpo", "sft", "simpo", "cpo", "dpo"]
@@ -322,15 +389,16 @@ class TrainConfig(_Section):
 
 
 class Config(_Section):
-    model: ModelConfig
-    data: DataConfig
+    model: ModelConfig = Field(default_factory=ModelConfig)  # empty: a model object given to train()
+    data: DataConfig = Field(default_factory=DataConfig)  # empty: train_data given to train()
     orpo: OrpoConfig = Field(default_factory=OrpoConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
 
     @model_validator(mode="after")
     def _check(self) -> Config:
         has_eval = self.data.eval is not None or self.data.eval_fraction > 0
-        if self.train.eval_every is not None and not has_eval:
+        # without data.train, rows come from Python (eval_data too): the trainer checks then
+        if self.train.eval_every is not None and not has_eval and self.data.train is not None:
             raise ValueError("train.eval_every needs eval data: set data.eval or data.eval_fraction")
         flash = "flash" in (self.model.attn_implementation or "")
         if flash and self.data.layout in ("shared_prompt", "packed_shared_prompt"):
@@ -389,11 +457,18 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
 
 def format_validation_error(err: ValidationError, source: str) -> str:
     lines = [f"{source}: invalid configuration"]
-    for e in err.errors():
-        loc = ".".join(str(x) for x in e["loc"] if not str(x).startswith("function-after"))
+    # pydantic tags a union's branches and validators in the location (`str`, `list[...]`,
+    # `function-after[...]`): drop them, and drop "wrong type" for a branch whose sibling got deeper
+    errors = [(tuple(x for x in e["loc"] if not (isinstance(x, str) and ("[" in x or x == "str"))), e)
+              for e in err.errors()]
+    errors = [(loc, e) for loc, e in errors
+              if not (e["type"].endswith("_type") and any(len(o) > len(loc) and o[: len(loc)] == loc
+                                                             for o, _ in errors))]
+    for clean, e in errors:
+        loc = ".".join(str(x) for x in clean)
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
-            hint = _suggest(e["loc"])
+            hint = _suggest(clean)
             msg = "unknown key" + (f" (did you mean '{hint}'?)" if hint else "")
         elif e["type"] == "missing":
             msg = "required key is missing"
@@ -405,13 +480,18 @@ def format_validation_error(err: ValidationError, source: str) -> str:
 def _suggest(loc: tuple) -> str | None:
     import difflib
 
+    def section(ann: Any) -> type[BaseModel] | None:
+        """The section class inside an annotation (``X | None``, ``str | list[X]``)."""
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            return ann
+        return next((m for a in getattr(ann, "__args__", ()) if (m := section(a)) is not None), None)
+
     model: type[BaseModel] = Config
     for part in loc[:-1]:
+        if isinstance(part, int):  # a list item: same section
+            continue
         field = model.model_fields.get(str(part))
-        if field is None:
-            return None
-        ann = field.annotation
-        sub = next((a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        sub = section(field.annotation) if field is not None else None
         if sub is None:
             return None
         model = sub
@@ -430,7 +510,7 @@ def config_doc() -> str:
            "`orpo train CONFIG.yaml train.max_steps=100 orpo.beta=0.2`.", ""]
     sections: list[tuple[str, type[BaseModel]]] = [
         ("model", ModelConfig), ("model.lora", LoraConfig), ("model.init", ModelInit),
-        ("data", DataConfig), ("data.columns", ColumnMap), ("orpo", OrpoConfig), ("train", TrainConfig),
+        ("data", DataConfig), ("data.train[]", DataSource), ("data.columns", ColumnMap), ("orpo", OrpoConfig), ("train", TrainConfig),
     ]
     for name, cls in sections:
         out += [f"## `{name}`", "", "| key | default | description |", "|---|---|---|"]

@@ -85,6 +85,8 @@ class NormalizedRows:
     rows_read: int
     skipped: dict[str, int] = field(default_factory=dict)
     first_errors: list[str] = field(default_factory=list)
+    indices: list[int] = field(default_factory=list)  # the source row (0-based) of each pair
+    bad_rows: list[tuple[int, str]] = field(default_factory=list)  # (source row, kind) of each skipped row
 
 
 ColumnMap = Mapping[str, str]
@@ -190,16 +192,20 @@ def normalize(
             raise DataError(f"{source.name}: {err}") from err
 
     pairs: list[Pair] = []
+    indices: list[int] = []
+    bad_rows: list[tuple[int, str]] = []
     skipped: Counter[str] = Counter()
     first_errors: list[str] = []
     for i, row in enumerate(source.rows):
         try:
             pairs.append(to_pair(row, fmt, columns))
+            indices.append(i)
         except RowError as err:
             message = f"{source.where(i)}: {err}"
             if on_bad_row == "error" and not err.always_skip:
                 raise DataError(message) from err
             skipped[err.kind] += 1
+            bad_rows.append((i, err.kind))
             if len(first_errors) < MAX_ERROR_EXAMPLES:
                 first_errors.append(message)
     if not pairs:
@@ -207,7 +213,7 @@ def normalize(
         raise DataError(
             f"{source.name}: all {len(source.rows)} rows are bad ({counts}); first: {first_errors[0]}"
         )
-    return NormalizedRows(pairs, fmt, len(source.rows), dict(skipped), first_errors)
+    return NormalizedRows(pairs, fmt, len(source.rows), dict(skipped), first_errors, indices, bad_rows)
 
 
 def implicit_prompt(chosen: str, rejected: str) -> str:

@@ -1,8 +1,11 @@
-"""``prepare_data``: read -> normalize -> split -> render + tokenize -> drop -> summary, cached on disk.
+"""``prepare_data``: read -> normalize -> mix -> split -> render + tokenize -> drop -> checks -> summary,
+cached on disk.
 
-The cache key (``fingerprint``) covers everything that can change the tokenized rows: the data
-bytes, the tokenizer's full serialization, the template text, the format settings, every length
-limit, ``max_samples``, the eval settings and seed, and ``PIPELINE_VERSION``. A changed input is
+The cache key (``fingerprint``) covers everything that can change the tokenized rows and the
+summary: the data bytes (the content, for rows given in memory), each source's settings and weight,
+the tokenizer's full serialization, the template text, the format settings, every length limit,
+``max_samples``, the eval settings, the seed when anything is sampled, and ``PIPELINE_VERSION``. A
+changed input is
 a new key, never a stale hit. Entries are written to a temporary folder and renamed into place,
 so an interrupted run never leaves a half-written entry that a later run would trust.
 """
@@ -13,23 +16,27 @@ import hashlib
 import io
 import json
 import logging
+import math
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import datasets
 import numpy as np
 
-from orpo.config import DataConfig
+from orpo.config import ConfigError, DataConfig, DataSource
+from orpo.data.checks import Finding, LengthBias, find_faults, leak_markers, prompt_overlap
 from orpo.data.formats import NormalizedRows, Pair, normalize
-from orpo.data.sources import DataError, RowSource, load_rows
+from orpo.data.sources import DataError, RowSource, load_rows, rows_from_memory
 from orpo.data.templates import ChatTemplate, resolve_chat_template
 from orpo.data.tokenize import (
+    NO_ROOM_FOR_RESPONSE,
     OUTPUT_COLUMNS,
     STAT_COLUMNS,
     Limits,
@@ -84,6 +91,8 @@ class DataSummary:
     truncated: int  # kept pairs with a cut prompt or response
     lengths: dict[str, LengthStats]  # prompt / chosen / rejected response / longest sequence
     first_errors: list[str] = field(default_factory=list)
+    sources: list[dict[str, Any]] = field(default_factory=list)  # per source of a mixture (source_counts)
+    checks: dict[str, Any] = field(default_factory=dict)  # the cheap data checks (run_checks)
 
     @property
     def num_dropped(self) -> int:
@@ -134,7 +143,17 @@ class DataSummary:
         out = io.StringIO()
         console = Console(file=out, width=110, color_system=None, force_terminal=False)
         console.print(counts)
+        if self.sources:
+            mix = Table(title="Mixture", title_justify="left")
+            for name in ("source", "format", "rows read", "pairs", "mixed in", "kept"):
+                mix.add_column(name, justify="left" if name in ("source", "format") else "right")
+            for c in self.sources:
+                mix.add_row(c["name"], c["format"], *(str(c[k]) for k in ("rows_read", "pairs", "mixed", "kept")))
+            console.print(mix)
         console.print(lengths)
+        checks = render_checks(self.checks, self.pairs)
+        if checks is not None:
+            console.print(checks)
         return out.getvalue().rstrip()
 
 
@@ -161,23 +180,29 @@ def prepare_data(
     seed: int = 42,
     console=None,
     use_cache: bool = True,
+    train_data: Any = None,
+    eval_data: Any = None,
 ) -> PreparedData:
-    """Everything between a data setting and tokenized rows; see the module doc."""
+    """Everything between a data setting and tokenized rows; see the module doc.
+
+    ``train_data`` / ``eval_data``: rows in memory (a ``datasets.Dataset``, a pandas DataFrame or a
+    list of dicts) instead of ``data.train`` / ``data.eval``; they go through the same steps.
+    """
     template = resolve_chat_template(chat_template, tokenizer)
-    train_id, train_rows = data_identity(cfg.train, cfg.train_split, cfg.subset)
-    eval_id, eval_rows = (None, None)
-    if cfg.eval is not None:
-        eval_id, eval_rows = data_identity(cfg.eval, cfg.eval_split, cfg.subset)
-    fp = fingerprint(cfg, tokenizer, template, seed, train_id, eval_id)
+    train_specs, eval_spec = source_specs(cfg, train_data, eval_data)
+    train_ids = [(spec.identity(), spec.settings) for spec in train_specs]
+    eval_id = eval_spec.identity() if eval_spec is not None else None
+    fp = fingerprint(cfg, tokenizer, template, seed, train_ids, eval_id)
     cache = cache_root(cfg) / fp if use_cache else None
+    names = (_display_name(train_specs), _display_name([eval_spec]) if eval_spec is not None else None)
 
     if cache is not None and cache.is_dir():
-        hit = _load_cached(cache, cfg, template, fp)
+        hit = _load_cached(cache, names, template, fp)
         if hit is not None:
             _say(console, f"tokenized data: reusing cache {cache}")
             return hit
 
-    prepared = _build(cfg, tokenizer, template, seed, fp, train_rows, eval_rows)
+    prepared = _build(cfg, tokenizer, template, seed, fp, read_pairs(cfg, train_specs, eval_spec, seed), names)
     if cache is not None:
         try:
             _save(prepared, cache)
@@ -185,36 +210,20 @@ def prepare_data(
             logger.warning("could not write the data cache %s: %s", cache, err)
             return prepared
         _say(console, f"tokenized data: cached at {cache}")
-        hit = _load_cached(cache, cfg, template, fp)  # memory-mapped, as every later run gets it
+        hit = _load_cached(cache, names, template, fp)  # memory-mapped, as every later run gets it
         if hit is not None:
             hit.from_cache = False
             return hit
     return prepared
 
 
-def _build(cfg: DataConfig, tokenizer, template: ChatTemplate, seed: int, fp: str,
-           train_rows: RowSource | None, eval_rows: RowSource | None) -> PreparedData:
-    columns = cfg.columns.model_dump() if cfg.columns is not None else None
-    train_norm = _normalize(train_rows or load_rows(cfg.train, cfg.train_split, cfg.subset), cfg, columns)
-    pairs = train_norm.pairs[: cfg.max_samples] if cfg.max_samples else train_norm.pairs
-    norms = [train_norm]
-    if cfg.eval is not None:
-        eval_norm = _normalize(eval_rows or load_rows(cfg.eval, cfg.eval_split, cfg.subset), cfg, columns)
-        norms.append(eval_norm)
-        train_pairs, eval_pairs = pairs, eval_norm.pairs
-    elif cfg.eval_fraction > 0:
-        try:
-            train_pairs, eval_pairs = split_eval(pairs, cfg.eval_fraction, seed)
-        except DataError as err:
-            raise DataError(f"{cfg.train}: {err}") from err
-    else:
-        train_pairs, eval_pairs = pairs, None
-
+def _build(cfg: DataConfig, tokenizer, template: ChatTemplate, seed: int, fp: str, read: ReadData,
+           names: tuple[str, str | None]) -> PreparedData:
     limits = Limits.from_config(cfg)
-    train_tok = tokenize_pairs(train_pairs, template, tokenizer, limits, cfg.num_proc, f"{fp}-train")
+    train_tok = tokenize_pairs(read.train.pairs, template, tokenizer, limits, cfg.num_proc, f"{fp}-train")
     eval_tok = None
-    if eval_pairs is not None:
-        eval_tok = tokenize_pairs(eval_pairs, template, tokenizer, limits, cfg.num_proc, f"{fp}-eval")
+    if read.eval is not None:
+        eval_tok = tokenize_pairs(read.eval.pairs, template, tokenizer, limits, cfg.num_proc, f"{fp}-eval")
 
     tokenized = [train_tok] + ([eval_tok] if eval_tok is not None else [])
     stats = {c: np.concatenate([np.asarray(d[c]) for d in tokenized]) for c in STAT_COLUMNS}
@@ -222,34 +231,37 @@ def _build(cfg: DataConfig, tokenizer, template: ChatTemplate, seed: int, fp: st
     evalset, eval_drops = _drop(eval_tok) if eval_tok is not None else (None, {})
     # an empty set would hang the training loop or give NaN metrics: say why now, with the drops
     if len(train) == 0:
-        raise DataError(f"{cfg.train}: no training pair left after tokenization{_why(train_drops, limits)}")
+        raise DataError(f"{names[0]}: no training pair left after tokenization{_why(train_drops, limits)}")
     if evalset is not None and len(evalset) == 0:
-        eval_name = cfg.eval or f"the eval_fraction split of {cfg.train}"
+        eval_name = names[1] or f"the eval_fraction split of {names[0]}"
         raise DataError(f"{eval_name}: no eval pair left after tokenization{_why(eval_drops, limits)}")
 
     dropped: dict[str, int] = {}
-    for norm in norms:
+    for norm in read.norms:
         for kind, n in norm.skipped.items():
             dropped[f"bad row: {kind}"] = dropped.get(f"bad row: {kind}", 0) + n
     for reason, n in [*train_drops.items(), *eval_drops.items()]:
         dropped[reason] = dropped.get(reason, 0) + n
     kept = stats["drop_reason"] == ""
+    subject = read.train + read.eval if read.eval is not None else read.train
     summary = DataSummary(
-        source=cfg.train,
-        eval_source=cfg.eval,
-        format=train_norm.format,
+        source=names[0],
+        eval_source=names[1],
+        format=" + ".join(dict.fromkeys(n.format for n in read.norms[: len(read.mixed)])),
         template=template.name,
         max_length=limits.max_length,
         prompt_budget=limits.prompt_budget,
-        rows_read=sum(n.rows_read for n in norms),
-        pairs=len(train_pairs) + (len(eval_pairs) if eval_pairs is not None else 0),
+        rows_read=sum(n.rows_read for n in read.norms),
+        pairs=len(subject),
         kept=int(kept.sum()),
         train_size=len(train),
         eval_size=len(evalset) if evalset is not None else 0,
         dropped=dropped,
         truncated=int((stats["truncated"].astype(bool) & kept).sum()),
         lengths=_length_stats(stats),
-        first_errors=[e for n in norms for e in n.first_errors][:5],
+        first_errors=[e for n in read.norms for e in n.first_errors][:5],
+        sources=read.source_counts(subject.refs, kept) if len(read.mixed) > 1 else [],
+        checks=run_checks(read, subject, leak_markers(template, tokenizer), read.example_name, stats),
     )
     return PreparedData(train=train, eval=evalset, summary=summary, template=template, fingerprint=fp)
 
@@ -260,19 +272,215 @@ def _why(drops: dict[str, int], limits: Limits) -> str:
             f"{limits.min_response_tokens})") if counts else ""
 
 
-def _normalize(source: RowSource, cfg: DataConfig, columns: dict[str, str] | None) -> NormalizedRows:
-    return normalize(source, fmt=cfg.format, columns=columns, on_bad_row=cfg.on_bad_row)
+# ------------------------------------------------------------------------------ reading and mixing
 
 
-def split_eval(pairs: list[Pair], fraction: float, seed: int) -> tuple[list[Pair], list[Pair]]:
-    """Hold out ``fraction`` of the pairs (at least one) with a fixed seed; both keep file order."""
-    n = len(pairs)
+@dataclass
+class SourceSpec:
+    """One source to read: its resolved settings, and its rows when they are already in memory."""
+
+    label: str  # the path or hub name; "train_data" / "eval_data" for rows given in Python
+    settings: DataSource
+    rows: RowSource | None = None
+
+    @property
+    def in_memory(self) -> bool:
+        return self.rows is not None and self.rows.index is not None
+
+    def identity(self) -> str:
+        """What the cache key knows of this source (a hub dataset's rows are read for it, and kept)."""
+        if self.in_memory:
+            assert self.rows is not None
+            return f"memory:{_rows_digest(self.rows.rows)}"
+        ident, rows = data_identity(self.settings.path, self.settings.split or "train", self.settings.subset)
+        self.rows = self.rows or rows
+        return ident
+
+    def load(self) -> RowSource:
+        if self.rows is None:
+            self.rows = load_rows(self.settings.path, self.settings.split or "train", self.settings.subset)
+        return self.rows
+
+
+def source_specs(cfg: DataConfig, train_data: Any = None,
+                 eval_data: Any = None) -> tuple[list[SourceSpec], SourceSpec | None]:
+    """The sources of a run: ``data.train`` (one, or a mixture) or rows in memory, and the eval source."""
+    if train_data is not None and cfg.train is not None:
+        raise ConfigError("train_data was passed and data.train is set: use one of them")
+    if eval_data is not None and (cfg.eval is not None or cfg.eval_fraction > 0):
+        raise ConfigError("eval_data was passed and data.eval / data.eval_fraction is set: use one of them")
+    inherit = {"format": "columns" if cfg.columns is not None else cfg.format, "columns": cfg.columns}
+    if train_data is not None:
+        rows = rows_from_memory(train_data, "train_data")
+        train = [SourceSpec("train_data", DataSource(path="train_data", **inherit), rows)]
+    elif cfg.train is not None:
+        train = [SourceSpec(s.path, s) for s in cfg.sources]
+    else:
+        raise ConfigError("no training data: set data.train (a file, a hub dataset or a list of sources), "
+                          "or pass train_data= in Python")
+    evaluation = None
+    if eval_data is not None:
+        evaluation = SourceSpec("eval_data", DataSource(path="eval_data", **inherit),
+                                rows_from_memory(eval_data, "eval_data"))
+    elif cfg.eval is not None:
+        evaluation = SourceSpec(cfg.eval, DataSource(path=cfg.eval, split=cfg.eval_split, subset=cfg.subset,
+                                                     **inherit))
+    return train, evaluation
+
+
+@dataclass
+class SourcedPairs:
+    """Pairs with the row each came from: ``refs[k] = (source number, row index in that source)``."""
+
+    pairs: list[Pair]
+    refs: list[tuple[int, int]]
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __add__(self, other: SourcedPairs) -> SourcedPairs:
+        return SourcedPairs(self.pairs + other.pairs, self.refs + other.refs)
+
+    def select(self, positions: Sequence[int]) -> SourcedPairs:
+        return SourcedPairs([self.pairs[i] for i in positions], [self.refs[i] for i in positions])
+
+
+@dataclass
+class ReadData:
+    """The valid pairs of a run before tokenization, where each came from, and what was dropped.
+
+    ``sources``/``norms``: every source read, training sources first (``mixed`` of them), then the
+    eval file; a ref's source number indexes these lists. ``train``/``eval``: after mixing,
+    ``max_samples`` and the ``eval_fraction`` split.
+    """
+
+    sources: list[RowSource]
+    norms: list[NormalizedRows]
+    mixed: list[int]  # pairs each training source gave the mixture
+    train: SourcedPairs
+    eval: SourcedPairs | None
+
+    def where(self, ref: tuple[int, int]) -> str:
+        return self.sources[ref[0]].where(ref[1])
+
+    def number(self, ref: tuple[int, int]) -> Any:
+        return self.sources[ref[0]].number(ref[1])
+
+    def example_name(self, ref: tuple[int, int]) -> str:
+        """``line 17`` with one source, ``a.jsonl line 17`` with several."""
+        text = self.where(ref)
+        return text.removeprefix(self.sources[ref[0]].name + " ") if len(self.sources) == 1 else text
+
+    def bad_rows(self, sources: Sequence[int] | None = None) -> list[tuple[tuple[int, int], str]]:
+        numbers = range(len(self.sources)) if sources is None else sources
+        return [((k, i), kind) for k in numbers for i, kind in self.norms[k].bad_rows]
+
+    def source_counts(self, refs: Sequence[tuple[int, int]], kept: np.ndarray) -> list[dict[str, Any]]:
+        """Per training source: rows read, valid pairs, pairs in the mixture, pairs kept after tokenizing."""
+        kept_by = Counter(ref[0] for ref, k in zip(refs, kept, strict=True) if k)
+        return [{"name": self.sources[k].name, "format": self.norms[k].format, "rows_read": self.norms[k].rows_read,
+                 "pairs": len(self.norms[k].pairs), "mixed": self.mixed[k], "kept": kept_by.get(k, 0)}
+                for k in range(len(self.mixed))]
+
+
+def read_pairs(cfg: DataConfig, train_specs: Sequence[SourceSpec], eval_spec: SourceSpec | None, seed: int,
+               on_bad_row: str | None = None) -> ReadData:
+    """Read and normalize every source, mix the training sources, then split off eval data."""
+    sources: list[RowSource] = []
+    norms: list[NormalizedRows] = []
+    parts: list[SourcedPairs] = []
+    for spec in [*train_specs, *([eval_spec] if eval_spec is not None else [])]:
+        k = len(sources)
+        source = spec.load()
+        s = spec.settings
+        columns = s.columns.model_dump() if s.columns is not None else None
+        norm = normalize(source, fmt=s.format or "auto", columns=columns, on_bad_row=on_bad_row or cfg.on_bad_row)
+        sources.append(source)
+        norms.append(norm)
+        parts.append(SourcedPairs(norm.pairs, [(k, i) for i in norm.indices]))
+    train_parts = parts[: len(train_specs)]
+    takes = mixture_takes([len(p) for p in train_parts], [s.settings for s in train_specs])
+    chosen = [p.select(sample_positions(len(p), take, seed, k)) for k, (p, take) in enumerate(zip(
+        train_parts, takes, strict=True))]
+    train = SourcedPairs([], [])
+    for part in chosen:
+        train = train + part
+    if cfg.max_samples and len(train_specs) == 1:
+        train = train.select(range(min(cfg.max_samples, len(train))))  # the first N pairs (quick runs)
+    evaluation = parts[-1] if eval_spec is not None else None
+    if evaluation is None and cfg.eval_fraction > 0:
+        try:
+            held = held_out(len(train), cfg.eval_fraction, seed)
+        except DataError as err:
+            raise DataError(f"{_display_name(train_specs)}: {err}") from err
+        train, evaluation = train.select(np.flatnonzero(~held).tolist()), train.select(np.flatnonzero(held).tolist())
+    return ReadData(sources=sources, norms=norms, mixed=[len(c) for c in chosen], train=train, eval=evaluation)
+
+
+def mixture_takes(available: Sequence[int], settings: Sequence[DataSource]) -> list[int]:
+    """How many pairs each source gives the mixture.
+
+    A source's pool is its valid pairs, capped at its ``max_samples``. Without weights every pool is
+    used whole. With weights ``w_i`` (W their sum), each source gives ``floor(s * w_i)`` pairs where
+    ``s = min_j pool_j / w_j``: the largest mixture whose shares are ``w_i / W`` drawing each pair at
+    most once, so the source that runs out first is used whole and sets the size.
+    """
+    pools = [min(n, s.max_samples) if s.max_samples else n for n, s in zip(available, settings, strict=True)]
+    weights = [s.weight for s in settings]
+    if not all(weights):  # DataConfig: every source has a weight, or none has
+        return pools
+    w = cast(list[float], weights)
+    per_weight = min(n / wi for n, wi in zip(pools, w, strict=True))
+    # the epsilon keeps float error (60 / 0.1 * 0.1 = 59.999…) from costing the limiting source a pair
+    return [min(n, math.floor(per_weight * wi + 1e-6)) for n, wi in zip(pools, w, strict=True)]
+
+
+def sample_positions(n: int, take: int, seed: int, source: int) -> list[int]:
+    """``take`` of ``n`` positions drawn without replacement (seeded by ``seed`` and the source's
+    place in the list), in source order; all of them, in order, when ``take >= n``."""
+    if take >= n:
+        return list(range(n))
+    return sorted(np.random.default_rng([seed, source]).permutation(n)[:take].tolist())
+
+
+def held_out(n: int, fraction: float, seed: int) -> np.ndarray:
+    """Mask of the ``fraction`` of ``n`` pairs (at least one) held out for eval, with a fixed seed."""
     n_eval = max(1, round(n * fraction))
     if n_eval >= n:
         raise DataError(f"eval_fraction {fraction} of {n} pairs leaves no training pairs")
     held = np.zeros(n, dtype=bool)
     held[np.random.default_rng(seed).permutation(n)[:n_eval]] = True
-    return [p for p, h in zip(pairs, held, strict=True) if not h], [p for p, h in zip(pairs, held, strict=True) if h]
+    return held
+
+
+def run_checks(read: ReadData, subject: SourcedPairs, markers: Sequence[str], name: Callable[[Any], Any],
+               stats: dict[str, np.ndarray] | None = None, train_sources: int | None = None) -> dict[str, Any]:
+    """The cheap data checks (``checks.py``) of ``subject``, keyed as ``orpo audit --json`` keys them.
+
+    ``stats``: the tokenizer's statistics of ``subject``'s pairs, in order (lengths are then tokens
+    and truncation is known); without them lengths are characters. ``train_sources``: count bad rows
+    of the first N sources only (the audit's subject), default all.
+    """
+    bad = read.bad_rows(range(train_sources) if train_sources is not None else None)
+    faults = find_faults(subject.pairs, subject.refs, bad, markers)
+    out: dict[str, Any] = {k: asdict(Finding.of(v, name)) for k, v in faults.items()}
+    if stats is not None:
+        length = LengthBias.of(stats["chosen_tokens"].tolist(), stats["rejected_tokens"].tolist(), "tokens")
+        kept = stats["drop_reason"] == ""
+        cut = [ref for ref, reason in zip(subject.refs, stats["drop_reason"], strict=True)
+               if reason == NO_ROOM_FOR_RESPONSE]
+        out["truncated_share"] = float((stats["truncated"].astype(bool) & kept).sum() / max(len(subject), 1))
+        out["dropped_by_truncation"] = asdict(Finding.of(cut, name))
+    else:
+        length = LengthBias.of([len(p.chosen) for p in subject.pairs], [len(p.rejected) for p in subject.pairs],
+                               "characters")
+        out["truncated_share"] = out["dropped_by_truncation"] = None
+    out.update(asdict(length))
+    out["eval_prompt_overlap"] = None
+    if read.eval is not None and len(read.eval):
+        overlap = [read.eval.refs[i] for i in prompt_overlap(read.train.pairs, read.eval.pairs)]
+        out["eval_prompt_overlap"] = asdict(Finding.of(overlap, name))
+    return out
 
 
 def tokenize_pairs(pairs: list[Pair], template: ChatTemplate, tokenizer, limits: Limits,
@@ -312,6 +520,44 @@ def _length_stats(stats: dict[str, np.ndarray]) -> dict[str, LengthStats]:
     }
 
 
+CHECK_LABELS = {
+    "duplicates": "duplicate pairs",
+    "identical_pairs": "chosen == rejected",
+    "conflicting_pairs": "conflicting (swapped)",
+    "near_identical_pairs": "near-identical (<5% chars)",
+    "empty_responses": "empty responses",
+    "template_leaks": "template markup in responses",
+    "control_chars": "control characters",
+    "dropped_by_truncation": "dropped by truncation",
+    "eval_prompt_overlap": "eval prompts also in train",
+}
+
+
+def render_checks(checks: dict[str, Any], pairs: int, only_found: bool = True, title: str = "Data checks"):
+    """The checks as a rich table: each finding with its count, share and example rows; None if empty."""
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    table.add_column("check")
+    table.add_column("rows", justify="right")
+    table.add_column("share", justify="right")
+    table.add_column("examples")
+    for key, label in CHECK_LABELS.items():
+        found = checks.get(key)
+        if found is None or (only_found and not found["count"]):
+            continue
+        table.add_row(label, str(found["count"]), f"{found['count'] / max(pairs, 1):.1%}",
+                      ", ".join(str(x) for x in found["examples"]))
+    if "chosen_longer_share" in checks:
+        unit = checks["length_unit"]
+        table.add_row("chosen longer", "", f"{checks['chosen_longer_share']:.1%}",
+                      f"mean {unit}: chosen {checks['mean_chosen_length']:.1f}, rejected "
+                      f"{checks['mean_rejected_length']:.1f}")
+    if checks.get("truncated_share") is not None:
+        table.add_row("truncated", "", f"{checks['truncated_share']:.1%}", "a prompt or response cut to max_length")
+    return table if table.row_count else None
+
+
 # ------------------------------------------------------------------------------ cache
 
 
@@ -330,11 +576,16 @@ def data_identity(spec: str, split: str, subset: str | None) -> tuple[str, RowSo
     if path.is_file():
         return f"file:sha256:{_sha256_file(path)}", None
     rows = load_rows(spec, split, subset)
+    return f"hub:{spec}:{split}:{subset}:{_rows_digest(rows.rows)}", rows
+
+
+def _rows_digest(rows: Sequence[dict[str, Any]]) -> str:
+    """sha256 of rows' content (hub data, rows given in Python)."""
     h = hashlib.sha256()
-    for row in rows.rows:
+    for row in rows:
         h.update(json.dumps(row, sort_keys=True, default=str, ensure_ascii=False).encode())
         h.update(b"\n")
-    return f"hub:{spec}:{split}:{subset}:{h.hexdigest()}", rows
+    return h.hexdigest()
 
 
 def tokenizer_identity(tokenizer) -> str:
@@ -352,11 +603,16 @@ def tokenizer_identity(tokenizer) -> str:
 
 
 def fingerprint(cfg: DataConfig, tokenizer, template: ChatTemplate, seed: int,
-                train_id: str, eval_id: str | None) -> str:
-    """The cache key: every input that can change the tokenized rows."""
+                train: Sequence[tuple[str, DataSource]], eval_id: str | None) -> str:
+    """The cache key: every input that can change the tokenized rows (and the summary's checks).
+
+    ``train``: each training source's identity (``data_identity``) and settings, in mixture order.
+    """
+    mixture = [{"data": ident, **s.model_dump(mode="json", exclude={"path"})} for ident, s in train]
+    sampled = cfg.eval_fraction > 0 or any(m["weight"] or m["max_samples"] for m in mixture)
     key = {
         "version": PIPELINE_VERSION,
-        "train": train_id,
+        "train": mixture,
         "eval": eval_id,
         "tokenizer": tokenizer_identity(tokenizer),
         "template": [template.name if template.is_plain else None, template.jinja],
@@ -368,7 +624,7 @@ def fingerprint(cfg: DataConfig, tokenizer, template: ChatTemplate, seed: int,
         "min_response_tokens": cfg.min_response_tokens,
         "max_samples": cfg.max_samples,
         "eval_fraction": cfg.eval_fraction,
-        "seed": seed if cfg.eval_fraction > 0 else None,
+        "seed": seed if sampled else None,
     }
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
 
@@ -407,7 +663,8 @@ def _save(prepared: PreparedData, final: Path) -> None:
     prepared.cache_path = final
 
 
-def _load_cached(path: Path, cfg: DataConfig, template: ChatTemplate, fp: str) -> PreparedData | None:
+def _load_cached(path: Path, names: tuple[str, str | None], template: ChatTemplate,
+                 fp: str) -> PreparedData | None:
     try:
         meta = json.loads((path / "summary.json").read_text())
         with _quiet_progress():
@@ -419,7 +676,7 @@ def _load_cached(path: Path, cfg: DataConfig, template: ChatTemplate, fp: str) -
         shutil.rmtree(path, ignore_errors=True)
         return None
     # the key holds contents, not names: show the names this run used
-    summary.source, summary.eval_source, summary.template = cfg.train, cfg.eval, template.name
+    (summary.source, summary.eval_source), summary.template = names, template.name
     return PreparedData(train=train, eval=evalset, summary=summary, template=template, fingerprint=fp,
                         cache_path=path, from_cache=True)
 
@@ -430,6 +687,18 @@ def _sha256_file(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def _display_name(specs: Sequence[SourceSpec | None]) -> str:
+    """``a.jsonl``, ``a.jsonl + b.json`` (a mixture), ``train_data (in memory: DataFrame)``."""
+    names = []
+    for spec in specs:
+        assert spec is not None
+        if spec.in_memory:
+            names.append(f"{spec.label} (in memory: {len(spec.load())} rows)")
+        else:
+            names.append(spec.label)
+    return " + ".join(names)
 
 
 def _say(console, message: str) -> None:
@@ -445,7 +714,14 @@ __all__ = [
     "PreparedData",
     "cache_root",
     "fingerprint",
+    "ReadData",
+    "SourceSpec",
+    "SourcedPairs",
+    "held_out",
+    "mixture_takes",
     "prepare_data",
-    "split_eval",
+    "read_pairs",
+    "run_checks",
+    "source_specs",
     "tokenize_pairs",
 ]

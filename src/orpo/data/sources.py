@@ -51,12 +51,26 @@ class RowSource:
     name: str
     rows: list[dict[str, Any] | UnreadableRow]
     line_numbers: list[int] | None = None  # physical 1-based lines, for JSON Lines only
+    index: list[Any] | None = None  # in-memory rows: the caller's own index (list position, DataFrame label)
 
     def where(self, i: int) -> str:
-        """Name row ``i`` (0-based) for a message: ``name line N`` or ``name row N``."""
+        """Name row ``i`` (0-based) for a message: ``name line N`` or ``name row N`` (N: ``number(i)``)."""
+        return f"{self.name} {'line' if self.line_numbers is not None else 'row'} {self.number(i)}"
+
+    @property
+    def numbering(self) -> str:
+        """What ``number`` gives: ``line`` (JSON Lines), ``row`` (1-based) or ``index`` (in memory)."""
         if self.line_numbers is not None:
-            return f"{self.name} line {self.line_numbers[i]}"
-        return f"{self.name} row {i + 1}"
+            return "line"
+        return "index" if self.index is not None else "row"
+
+    def number(self, i: int) -> Any:
+        """How a user finds row ``i`` (0-based): its file line, 1-based row, or in-memory index."""
+        if self.line_numbers is not None:
+            return self.line_numbers[i]
+        if self.index is not None:
+            return self.index[i]
+        return i + 1
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -65,6 +79,49 @@ class RowSource:
 def clip(text: str, limit: int = 120) -> str:
     """``text`` cut to ``limit`` characters, for quoting a row's own text (a key, a role) in a message."""
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def rows_from_memory(data: Any, name: str) -> RowSource:
+    """Rows given in Python: a ``datasets.Dataset``, a pandas DataFrame or a list of dicts.
+
+    Rows are named by their index in messages (``train_data row 7``): the list position, the
+    Dataset row, or the DataFrame's index label. pandas' missing values (NaN) become None and
+    NumPy arrays (list columns read through pandas) become lists, so a row means what it would in
+    a JSON file.
+    """
+    kind = f"{type(data).__module__}.{type(data).__name__}"
+    if kind.startswith("datasets.") and hasattr(data, "keys") and not hasattr(data, "to_list"):
+        raise DataError(f"{name}: a DatasetDict with splits {sorted(data.keys())}; pass one split, e.g. "
+                        f"{name}=ds[{next(iter(data.keys()), 'train')!r}]")
+    if kind.startswith("datasets.") and hasattr(data, "to_list"):
+        rows, index = data.to_list(), None
+    elif kind.startswith("pandas.") and hasattr(data, "to_dict"):
+        if not hasattr(data, "columns"):
+            raise DataError(f"{name}: a pandas {type(data).__name__}; pass a DataFrame (one row per pair)")
+        rows, index = data.to_dict(orient="records"), list(data.index)
+        rows = [{k: _plain(v) for k, v in row.items()} for row in rows]
+    elif isinstance(data, list | tuple):
+        rows, index = list(data), None
+    else:
+        raise DataError(f"{name}: expected a datasets.Dataset, a pandas DataFrame or a list of dicts, got {kind}")
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise DataError(f"{name} row {index[i] if index else i}: expected a dict, got {type(row).__name__}")
+    return RowSource(name=name, rows=rows, index=index if index is not None else list(range(len(rows))))
+
+
+def _plain(value: Any) -> Any:
+    """A pandas cell as JSON would have it: NaN -> None, NumPy arrays/scalars -> lists/Python values."""
+    if isinstance(value, float) and value != value:
+        return None
+    tolist = getattr(value, "tolist", None)
+    if tolist is not None and type(value).__module__ == "numpy":
+        value = tolist()
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
 
 
 def load_rows(spec: str, split: str = "train", subset: str | None = None) -> RowSource:

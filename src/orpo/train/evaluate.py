@@ -11,6 +11,8 @@ from rich.console import Console
 from rich.table import Table
 
 from orpo.data.collate import Layout, PaddedLayout
+from orpo.loss import sequence_logps
+from orpo.train.forward import token_logps
 from orpo.train.model import ensure_pad_token, logits_keep_mode, peft_deprecations_silenced
 from orpo.train.objective import MetricSums, Objective, ORPOObjective
 
@@ -60,6 +62,43 @@ def evaluate(model, dataset, layout: Layout | int, batch_size: int, objective: O
         model.train(was_training)
     sums.reduce(accelerator)
     return sums.finalize()
+
+
+@torch.no_grad()
+def pair_logps(model, dataset, layout: Layout | int, batch_size: int, device: torch.device | str | None = None,
+               keep_mode: str | None | bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per pair, in ``dataset`` order: the length-averaged response log-probs of chosen and rejected.
+
+    The same forward and the same per-sequence averaging as the loss (``forward.token_logps``,
+    ``loss.sequence_logps``), kept per pair instead of summed, for ``orpo audit``'s label-noise
+    candidates. Float32 CPU tensors of shape ``[len(dataset)]``.
+    """
+    objective = ORPOObjective()
+    if isinstance(layout, int):
+        layout = PaddedLayout(pad_token_id=layout)
+    if keep_mode is True:
+        keep_mode = logits_keep_mode(model)
+    elif keep_mode is False:
+        keep_mode = None
+    device = device or next(model.parameters()).device
+    chosen, rejected = [], []
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(dataset), batch_size):
+            rows = dataset[start : start + batch_size]
+            rows = [dict(zip(rows, vals, strict=True)) for vals in zip(*rows.values(), strict=True)]
+            batch = objective.prepare(layout(rows), keep_mode).to(device)
+            sums, counts = sequence_logps(token_logps(model, batch), batch.segment_ids, batch.response_mask,
+                                          2 * batch.num_pairs)
+            logps = (sums / counts.clamp(min=1.0)).float().cpu()
+            chosen.append(logps[: batch.num_pairs])
+            rejected.append(logps[batch.num_pairs :])
+    finally:
+        model.train(was_training)
+    if not chosen:
+        return torch.zeros(0), torch.zeros(0)
+    return torch.cat(chosen), torch.cat(rejected)
 
 
 def _unwrap(model, accelerator):

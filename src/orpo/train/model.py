@@ -43,6 +43,9 @@ class PadTokenChoice:
 def load_tokenizer(cfg: ModelConfig):
     """The tokenizer at ``model.tokenizer`` (default ``model.name_or_path``), with a pad token."""
     source = cfg.tokenizer or cfg.name_or_path
+    if source is None:
+        raise ConfigError("no model: set model.name_or_path (or model.init with model.tokenizer), or pass a "
+                          "model and its tokenizer to train() in Python")
     tok = AutoTokenizer.from_pretrained(
         source, revision=cfg.revision if cfg.tokenizer is None else None, trust_remote_code=cfg.trust_remote_code
     )
@@ -88,8 +91,38 @@ def load_model(cfg: ModelConfig, tokenizer, seed: int = 42, device_map: Any = No
         if cfg.load_in_4bit:
             kwargs["quantization_config"] = _bnb_config()
             kwargs["device_map"] = device_map if device_map is not None else {"": torch.cuda.current_device()}
-        assert cfg.name_or_path is not None  # ModelConfig: exactly one of name_or_path / init
+        if cfg.name_or_path is None:
+            raise ConfigError("no model: set model.name_or_path or model.init, or pass a model to train() in Python")
         model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, **kwargs)
+    return adapt_model(model, cfg, tokenizer)
+
+
+# keys that say how to load a model from disk, meaningless for a model object given in Python
+_LOAD_KEYS = ("name_or_path", "init", "revision", "attn_implementation", "load_in_4bit", "trust_remote_code")
+
+
+def adapt_given_model(model, cfg: ModelConfig, tokenizer) -> PreTrainedModel:
+    """A model object passed in Python (a notebook): ``model.dtype`` casts it, then as ``adapt_model``.
+
+    The keys that only say how to load a model must be unset, or they would silently do nothing.
+    The object itself is trained (LoRA wraps it in place, as PEFT does).
+    """
+    set_keys = [f"model.{k}" for k in _LOAD_KEYS if getattr(cfg, k) not in (None, False)]
+    if set_keys:
+        raise ConfigError(f"a model object was passed, so {', '.join(set_keys)} would do nothing: unset "
+                          f"{'it' if len(set_keys) == 1 else 'them'} (load the model as you need it instead)")
+    if not isinstance(model, torch.nn.Module) or not hasattr(model, "get_input_embeddings"):
+        raise ConfigError(f"model: expected a transformers causal LM (or a PEFT model), got {type(model).__name__}")
+    if cfg.lora is not None and is_peft_model(model):
+        raise ConfigError("model.lora is set but the model passed already has PEFT adapters: unset model.lora "
+                          "to train its adapters, or pass the base model")
+    if cfg.dtype != "auto":
+        model = model.to(DTYPES[cfg.dtype])
+    return adapt_model(model, cfg, tokenizer)
+
+
+def adapt_model(model, cfg: ModelConfig, tokenizer) -> PreTrainedModel:
+    """Fit a loaded model to its run: pad id, tokenizer check, gradient checkpointing, (Q)LoRA."""
     if model.config.pad_token_id is None and tokenizer.pad_token_id is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
     embedding: Any = model.get_input_embeddings()

@@ -47,7 +47,15 @@ from orpo.train.distributed import Engine, build_engine, estimate_memory, full_s
 from orpo.train.evaluate import evaluate
 from orpo.train.forward import configure_logps
 from orpo.train.logger import MetricsLogger, ProgressBar, Throughput, check_report_to
-from orpo.train.model import describe_lora, is_peft_model, load_model, load_tokenizer, logits_keep_mode
+from orpo.train.model import (
+    adapt_given_model,
+    describe_lora,
+    ensure_pad_token,
+    is_peft_model,
+    load_model,
+    load_tokenizer,
+    logits_keep_mode,
+)
 from orpo.train.objective import SHARED_PAIR_METRICS, MetricSums, Objective, build_objective
 from orpo.train.optim import build_optimizer, build_scheduler
 from orpo.train.watch import StepCallback, Watcher, build_watchers
@@ -228,6 +236,11 @@ class Trainer:
     """ORPO training of one model on one prepared dataset; see the module docstring for the stages.
 
     ``data``: an already prepared dataset (default: ``prepare_data(cfg.data, ...)``);
+    ``train_data`` / ``eval_data``: rows in memory (``datasets.Dataset``, pandas DataFrame, list of
+    dicts) instead of ``data.train`` / ``data.eval``, through the same pipeline;
+    ``model`` / ``tokenizer``: already loaded objects instead of ``model.name_or_path`` (``model.lora``,
+    ``model.dtype``, ``gradient_checkpointing`` and ``chat_template`` still apply; the model object is
+    trained in place);
     ``objective`` / ``layout``: default ``build_objective(cfg.orpo)`` / the layout ``data.layout`` names;
     ``watchers``: extra ``Watcher``s (see ``orpo.train.watch``) after the ones the config asks for;
     ``on_step_end(trainer)``: called after each step's logging, eval and checkpoint (tests use it
@@ -248,11 +261,14 @@ class Trainer:
     state: ckpt.TrainState
     logger: MetricsLogger | None
 
-    def __init__(self, cfg: Config, *, data: TrainData | None = None, objective: Objective | None = None,
+    def __init__(self, cfg: Config, *, data: TrainData | None = None, train_data: Any = None, eval_data: Any = None,
+                 model: Any = None, tokenizer: Any = None, objective: Objective | None = None,
                  layout: Layout | None = None, console: Console | None = None, watchers: Sequence[Watcher] = (),
                  on_step_end: Callable[[Trainer], None] | None = None, progress: bool = True):
         self.cfg = cfg
         self._given_data, self._given_layout = data, layout
+        self._given_rows = (train_data, eval_data)
+        self._given_model, self._given_tokenizer = model, tokenizer
         self.objective: Objective = objective or build_objective(cfg.orpo)
         self.console = console or Console(stderr=True)
         self.watchers: list[Watcher] = [*build_watchers(cfg), *watchers] + (
@@ -296,7 +312,11 @@ class Trainer:
             self.console.print(text, highlight=False, soft_wrap=True)
 
     def _setup_tokenizer(self) -> None:
-        self.tokenizer = load_tokenizer(self.cfg.model)
+        if self._given_tokenizer is not None:
+            self.tokenizer = self._given_tokenizer
+            ensure_pad_token(self.tokenizer)
+        else:
+            self.tokenizer = load_tokenizer(self.cfg.model)
 
     def _setup_data(self) -> None:
         if self._given_data is not None:
@@ -306,7 +326,8 @@ class Trainer:
 
             with self.accelerator.main_process_first():
                 self.data = prepare_data(self.cfg.data, self.tokenizer, chat_template=self.cfg.model.chat_template,
-                                         seed=self.cfg.train.seed, console=self.console if self.is_main else None)
+                                         seed=self.cfg.train.seed, console=self.console if self.is_main else None,
+                                         train_data=self._given_rows[0], eval_data=self._given_rows[1])
         summary = getattr(self.data, "summary", None)
         if summary is not None:
             self._print(summary.render())
@@ -314,6 +335,8 @@ class Trainer:
         self.eval_data = self.data.eval.select_columns(ROW_COLUMNS) if self.data.eval is not None else None
         if self.eval_data is not None and len(self.eval_data) == 0:
             self.eval_data = None
+        if self.cfg.train.eval_every is not None and self.data.eval is None:
+            raise ConfigError("train.eval_every needs eval data: set data.eval or data.eval_fraction, or pass eval_data")
         world = self.accelerator.num_processes
         if len(self.train_data) < world:
             raise ConfigError(f"the training set has {len(self.train_data)} pairs, fewer than the {world} processes")
@@ -326,7 +349,10 @@ class Trainer:
     def _setup_model(self) -> None:
         acc = self.accelerator
         device_map = {"": acc.local_process_index} if self.cfg.model.load_in_4bit else None
-        model = load_model(self.cfg.model, self.tokenizer, seed=self.cfg.train.seed, device_map=device_map)
+        if self._given_model is not None:
+            model = adapt_given_model(self._given_model, self.cfg.model, self.tokenizer)
+        else:
+            model = load_model(self.cfg.model, self.tokenizer, seed=self.cfg.train.seed, device_map=device_map)
         if not self.cfg.model.load_in_4bit and self.engine.places_model:
             model.to(acc.device)  # before the optimizer, which picks the fused kernel by device
         model.train()

@@ -1,0 +1,228 @@
+"""Cheap checks of preference pairs: the faults ORPO learns from silently.
+
+Noisy or contradictory pairs, pairs whose two responses barely differ, template text leaking into
+responses and a length gap between chosen and rejected all train a model without any error. These
+checks need no model, only the normalized pairs (and token counts when a tokenizer has run), so
+``orpo train`` runs them on every dataset and ``orpo audit`` reports them with example rows.
+
+Definitions (texts compared after stripping surrounding whitespace; a message-list prompt is
+compared turn by turn, role and stripped content):
+
+- ``duplicates``: a pair whose (prompt, chosen, rejected) equals an earlier pair's; every extra
+  copy counts once.
+- ``identical_pairs``: chosen equals rejected (rows training drops as ``chosen == rejected``, which
+  are exactly equal, count too).
+- ``conflicting_pairs``: another pair has the same prompt with chosen and rejected swapped; every
+  such pair counts (both rows of a swapped couple).
+- ``near_identical_pairs``: chosen and rejected differ in under ``NEAR_IDENTICAL`` (5%) of their
+  characters, identical pairs excluded. The difference is ``1 − difflib.SequenceMatcher(a, b).ratio()``
+  (``autojunk=False``): ratio = 2·M / (len(a) + len(b)) with M the characters in matching blocks, so
+  it is the share of the two texts' characters left unmatched. Exact, but cheap necessary
+  conditions rule out most pairs before the quadratic matcher runs (``near_identical``).
+- ``empty_responses``: a row whose chosen or rejected response is empty or whitespace only
+  (training drops it as a bad row).
+- ``template_leaks``: a response containing chat-template markup: the role markers and special
+  tokens the template emits, the tokenizer's special tokens, and HH transcript turns
+  (``\\n\\nHuman:``, ``\\n\\nAssistant:``). The tokenizer turns special-token text into the special
+  token itself, so a leaked ``<|im_end|>`` ends the turn mid-response.
+- ``control_chars``: a prompt or response containing a control character other than tab, newline
+  and carriage return (Unicode category Cc).
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections import Counter
+from collections.abc import Hashable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from orpo.data.formats import Pair
+from orpo.data.templates import ChatTemplate
+
+NEAR_IDENTICAL = 0.05  # max share of differing characters
+MAX_EXAMPLES = 5
+TEXT_FINDINGS = ("duplicates", "identical_pairs", "conflicting_pairs", "near_identical_pairs", "empty_responses",
+                 "template_leaks", "control_chars")
+# Markers that are never a legitimate part of one response: the HH transcript's turns.
+TRANSCRIPT_MARKERS = ("\n\nHuman:", "\n\nAssistant:")
+# What plain-text rendering (chat_template: none) writes between turns of a message-list prompt.
+PLAIN_MARKERS = (*TRANSCRIPT_MARKERS, "\n\nUser:", "\n\nSystem:")
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+# A markup token as templates write them: <|im_start|>, <|eot_id|>, </s>, <start_of_turn>, [INST]
+_MARKUP = re.compile(r"<[^<>\s]{1,40}>|\[/?INST\]")
+_PROBE = ("⟦SYSTEM⟧", "⟦USER⟧", "⟦ASSISTANT⟧")
+
+
+@dataclass
+class Finding:
+    """How many rows have a fault, and up to ``MAX_EXAMPLES`` of them (as their source names them)."""
+
+    count: int
+    examples: list[Any]
+
+    @classmethod
+    def of(cls, refs: Sequence[Any], name=lambda r: r) -> Finding:
+        return cls(count=len(refs), examples=[name(r) for r in list(refs)[:MAX_EXAMPLES]])
+
+
+# ------------------------------------------------------------------------------ keys
+
+
+def prompt_key(pair: Pair) -> Hashable:
+    if isinstance(pair.prompt, str):
+        return pair.prompt.strip()
+    return tuple((m["role"], m["content"].strip()) for m in pair.prompt)
+
+
+def pair_key(pair: Pair) -> tuple[Hashable, str, str]:
+    return prompt_key(pair), pair.chosen.strip(), pair.rejected.strip()
+
+
+def char_difference(a: str, b: str) -> float:
+    """Share of the characters of ``a`` and ``b`` outside their matching blocks (see the module doc)."""
+    return 1.0 - difflib.SequenceMatcher(None, a, b, autojunk=False).ratio()
+
+
+def near_identical(a: str, b: str, threshold: float = NEAR_IDENTICAL) -> bool:
+    """``char_difference(a, b) < threshold``, exactly, with cheap necessary conditions tried first.
+
+    The matcher's ``ratio()`` is quadratic on long texts of similar length and letters (0.1-0.4 s
+    for two different 2,000-character answers), so three bounds that can only rule a pair out run
+    before it: lengths and letter counts (the matcher's ``real_quick_ratio`` and ``quick_ratio``,
+    without building one), and shared 4-grams.
+    The last one: with M matched characters, U = len(a) + len(b) − 2M are unmatched, and each
+    unmatched character of either text breaks at most 4 of the 4-grams of ``a`` that the matching
+    blocks carry over verbatim into ``b``; so at least (len(a) − 3) − 4U of them are also 4-grams
+    of ``b``. A pair sharing fewer cannot have U < threshold · (len(a) + len(b)).
+    """
+    total = len(a) + len(b)
+    most_unmatched = threshold * total  # near-identical iff fewer characters than this are unmatched
+    if total - 2 * min(len(a), len(b)) >= most_unmatched:  # real_quick_ratio, without building a matcher
+        return False
+    if total - 2 * sum((Counter(a) & Counter(b)).values()) >= most_unmatched:  # quick_ratio
+        return False
+    if _shared_qgrams(a, b, 4) < (len(a) - 3) - 4 * most_unmatched:
+        return False
+    return 1.0 - difflib.SequenceMatcher(None, a, b, autojunk=False).ratio() < threshold
+
+
+def _shared_qgrams(a: str, b: str, q: int) -> int:
+    """Size of the multiset intersection of the q-grams of ``a`` and ``b``."""
+    grams_a = Counter(a[i : i + q] for i in range(len(a) - q + 1))
+    grams_b = Counter(b[i : i + q] for i in range(len(b) - q + 1))
+    return sum((grams_a & grams_b).values())
+
+
+# ------------------------------------------------------------------------------ the checks
+
+
+def find_faults(pairs: Sequence[Pair], refs: Sequence[Any], bad_rows: Iterable[tuple[Any, str]],
+                markers: Sequence[str]) -> dict[str, list[Any]]:
+    """The refs (sortable row references, e.g. ``(source, row)``) of the rows with each text fault.
+
+    ``pairs``/``refs``: the valid pairs and their rows, in source order; ``bad_rows``: (ref, kind) of
+    rows normalization dropped (their empty or identical responses count too).
+    """
+    out: dict[str, list[Any]] = {name: [] for name in TEXT_FINDINGS}
+    keys = [pair_key(p) for p in pairs]
+    counts = Counter(keys)
+    seen: set = set()
+    leak = re.compile("|".join(re.escape(m) for m in sorted(set(markers), key=len, reverse=True))) if markers else None
+    for pair, ref, (prompt, chosen, rejected) in zip(pairs, refs, keys, strict=True):
+        if (prompt, chosen, rejected) in seen:
+            out["duplicates"].append(ref)
+        seen.add((prompt, chosen, rejected))
+        if chosen == rejected:
+            out["identical_pairs"].append(ref)
+        else:
+            if counts[(prompt, rejected, chosen)]:
+                out["conflicting_pairs"].append(ref)
+            if near_identical(chosen, rejected):
+                out["near_identical_pairs"].append(ref)
+        if leak is not None and (leak.search(pair.chosen) or leak.search(pair.rejected)):
+            out["template_leaks"].append(ref)
+        if any(_CONTROL.search(text) for text in _texts(pair)):
+            out["control_chars"].append(ref)
+    for ref, kind in bad_rows:
+        if kind == "empty response":
+            out["empty_responses"].append(ref)
+        elif kind == "chosen == rejected":
+            out["identical_pairs"].append(ref)
+    return {name: sorted(found) for name, found in out.items()}
+
+
+def prompt_overlap(train: Sequence[Pair], evaluation: Sequence[Pair]) -> list[int]:
+    """Positions of the eval pairs whose prompt is also a training prompt."""
+    prompts = {prompt_key(p) for p in train}
+    return [i for i, p in enumerate(evaluation) if prompt_key(p) in prompts]
+
+
+@dataclass
+class LengthBias:
+    """Preference methods learn length: how often and by how much chosen is the longer response."""
+
+    chosen_longer_share: float
+    mean_chosen_length: float
+    mean_rejected_length: float
+    length_unit: str  # "tokens" or "characters"
+
+    @classmethod
+    def of(cls, chosen: Sequence[int], rejected: Sequence[int], unit: str) -> LengthBias:
+        n = max(len(chosen), 1)
+        return cls(chosen_longer_share=sum(c > r for c, r in zip(chosen, rejected, strict=True)) / n,
+                   mean_chosen_length=sum(chosen) / n, mean_rejected_length=sum(rejected) / n, length_unit=unit)
+
+
+def _texts(pair: Pair) -> list[str]:
+    prompt = [pair.prompt] if isinstance(pair.prompt, str) else [m["content"] for m in pair.prompt]
+    return [*prompt, pair.chosen, pair.rejected]
+
+
+# ------------------------------------------------------------------------------ template markers
+
+
+def leak_markers(template: ChatTemplate, tokenizer=None) -> list[str]:
+    """Text that must not appear inside a response under ``template``: see the module doc.
+
+    A jinja template's markers are read off a rendered probe conversation: the text it writes
+    around the messages, split into markup tokens (``<|im_start|>``) and, where a line holds none,
+    the stripped line (``### Instruction:``).
+    """
+    found: set[str] = set(PLAIN_MARKERS if template.is_plain else TRANSCRIPT_MARKERS)
+    if tokenizer is not None:
+        found |= {t for t in getattr(tokenizer, "all_special_tokens", []) if len(t) >= 3}
+    if not template.is_plain:
+        text = _render_probe(template, tokenizer)
+        for piece in re.split("|".join(map(re.escape, _PROBE)), text):
+            for line in piece.splitlines():
+                tokens = _MARKUP.findall(line)
+                found |= set(tokens)
+                if not tokens and len(line.strip()) >= 3:
+                    found.add(line.strip())
+    return sorted(found)
+
+
+def _render_probe(template: ChatTemplate, tokenizer) -> str:
+    messages = [{"role": role, "content": text} for role, text in zip(("system", "user", "assistant"), _PROBE,
+                                                                      strict=True)]
+    if tokenizer is not None:
+        from orpo.data.templates import _apply
+
+        try:
+            return _apply(template, tokenizer, messages, add_generation_prompt=False)
+        except Exception:  # a template that refuses a system turn: probe without it
+            return _apply(template, tokenizer, messages[1:], add_generation_prompt=False)
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str) -> None:
+        raise ValueError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = raise_exception
+    compiled = env.from_string(template.jinja or "")
+    try:
+        return compiled.render(messages=messages, add_generation_prompt=False, bos_token="", eos_token="")
+    except Exception:
+        return compiled.render(messages=messages[1:], add_generation_prompt=False, bos_token="", eos_token="")
