@@ -61,6 +61,7 @@ class TrainState:
     data_fingerprint: str = ""
     num_processes: int = 1
     warnings: dict[str, str] = field(default_factory=dict)  # run-health code -> message, each said once
+    watchers: dict[str, Any] = field(default_factory=dict)  # watchers' own state (best eval, windows), JSON
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -276,9 +277,9 @@ def resolve_resume(cfg: Config) -> Path | None:
 
 
 def clear_previous_run(output_dir: str | Path) -> None:
-    """Remove checkpoints, final model, metrics and TensorBoard logs of a run being overwritten."""
+    """Remove checkpoints, final and best models, metrics and TensorBoard logs of a run being overwritten."""
     out = Path(output_dir)
-    for name in (CHECKPOINTS, "final", "tensorboard"):
+    for name in (CHECKPOINTS, "final", "best", "tensorboard"):
         if (out / name).is_dir():
             shutil.rmtree(out / name)
     if (out / "metrics.jsonl").exists():

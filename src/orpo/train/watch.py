@@ -28,6 +28,10 @@ class Watcher:
     def on_step(self, trainer: Trainer, row: dict[str, Any] | None) -> None:
         """After each optimizer step and its logging (``row`` is None on steps that log nothing)."""
 
+    def eval_metrics(self, trainer: Trainer) -> dict[str, float]:
+        """Extra ``eval_*`` metrics for the eval row being built (same on every rank), before it is logged."""
+        return {}
+
     def on_eval(self, trainer: Trainer, row: dict[str, Any]) -> None:
         """After each evaluation; ``row`` holds ``step`` and the ``eval_*`` metrics, already logged."""
 
