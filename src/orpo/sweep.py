@@ -239,6 +239,7 @@ class Sweep:
                 console.print(f"sweep run {run.name} failed: {run.error}", highlight=False, soft_wrap=True)
             read_results(run)
             self.write()
+            _free_memory()
             if run.status == "failed" and self.stop_on_failure:
                 break
         return self.runs
@@ -255,6 +256,17 @@ class Sweep:
         out = self.output_dir / "report"
         write_report([Path(r.output_dir) for r in ran], out, [r.name for r in ran])
         return f"report: {out}"
+
+
+def _free_memory() -> None:
+    """Let the next run start with the memory the last one held (its trainer is garbage by now)."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def describe(sweep: Sweep) -> str:

@@ -226,14 +226,14 @@ class GradSpikes(Watcher):
 
 # The name of a chat/instruct fine-tune (Qwen2.5-0.5B-Instruct, Llama-2-7b-chat-hf, gemma-2-2b-it,
 # zephyr-7b-sft-full, ...): whole words, so "italian" or "chatterbox" do not count.
-INSTRUCT_NAME = re.compile(r"(?:^|[-_./])(instruct|chat|it|sft|dpo|orpo|rlhf)(?:$|[-_./\d])", re.IGNORECASE)
+INSTRUCT_NAME = re.compile(r"(?:^|[-_./])(instruct|chat|it|sft|dpo|orpo|rlhf)(?:$|[-_./])", re.IGNORECASE)
 
 
 def instruct_signs(name: str | None, tokenizer) -> list[str]:
     """Why a starting model looks like an instruct/chat model (empty: it does not).
 
-    A name with instruct, chat, it, sft, ... as a word; or a chat template that ends turns with the
-    tokenizer's own EOS token. The second is what chat tuning does (Qwen2.5-*-Instruct: eos
+    A name with instruct, chat, it, sft, ... as a word; or a chat template that writes the tokenizer's
+    own EOS token (literally) to end turns. The second is what chat tuning does (Qwen2.5-*-Instruct: eos
     ``<|im_end|>``; Llama-3-*-Instruct: ``<|eot_id|>``) while the base models of the same families
     ship the same template with a document EOS (``<|endoftext|>``) that the template never writes,
     so a template alone is not a sign.
@@ -245,7 +245,7 @@ def instruct_signs(name: str | None, tokenizer) -> list[str]:
     if isinstance(template, dict):
         template = template.get("default") or next(iter(template.values()), None)
     eos = getattr(tokenizer, "eos_token", None)
-    if isinstance(template, str) and eos and (eos in template or "eos_token" in template):
+    if isinstance(template, str) and eos and eos in template:
         signs.append(f"its chat template ends turns with its EOS token {eos!r}")
     return signs
 
