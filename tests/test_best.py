@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM
 
 from orpo.config import ConfigError, load_config
 from orpo.train import Trainer, Watcher, list_checkpoints, read_metrics
-from orpo.train.card import base_license, front_matter, model_card
+from orpo.train.card import base_license, front_matter, hub_id, model_card
 
 REPO = Path(__file__).resolve().parents[1]
 QS = REPO / "examples" / "quickstart"
@@ -227,6 +227,7 @@ def test_card_metadata_for_hub_names_adapters_and_a_local_license(tmp_path):
     assert meta["base_model"] == "Qwen/Qwen2.5-0.5B" and meta["library_name"] == "peft"
     assert meta["datasets"] == ["argilla/ultrafeedback-binarized-preferences-cleaned", "org/held-out"]
     assert "lora" in meta["tags"] and "| accuracy | 0.7500 |" in card and "- `instruct_start`: looks instruct" in card
+    assert hub_id("elsewhere/train.jsonl") is None and hub_id("../shared/data") is None  # files, not hub ids
 
     local = tmp_path / "my-base"
     local.mkdir()

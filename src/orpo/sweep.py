@@ -195,6 +195,8 @@ class Sweep:
         if self.metrics:
             return self.metrics
         present = {k for r in self.runs for k in r.final}
+        if "eval_log_odds_ratio" in present:
+            present.discard("eval_margin")  # ORPO's own separation measure says it better
         return [self.sort] + [m for m in SHOWN if m != self.sort and m in present]
 
     def write(self) -> str:
@@ -254,7 +256,10 @@ class Sweep:
         if not ran:
             return "report: skipped (no run wrote metrics)"
         out = self.output_dir / "report"
-        write_report([Path(r.output_dir) for r in ran], out, [r.name for r in ran])
+        try:
+            write_report([Path(r.output_dir) for r in ran], out, [r.name for r in ran])
+        except Exception as e:  # the runs and the table are done and saved; say why the report is not
+            return f"report: failed ({type(e).__name__}: {e}); the table is complete"
         return f"report: {out}"
 
 

@@ -18,6 +18,7 @@ import yaml
 from orpo.config import Config
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+FILE_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv", ".gz", ".txt", ".arrow", ".safetensors")
 
 
 def hub_id(spec: str | None) -> str | None:
@@ -25,7 +26,7 @@ def hub_id(spec: str | None) -> str | None:
     if not spec:
         return None
     name = spec.split(":", 1)[0]
-    if Path(name).exists() or not HUB_ID.match(name):
+    if Path(name).exists() or not HUB_ID.match(name) or name.endswith(FILE_SUFFIXES):
         return None
     return name
 
