@@ -23,3 +23,5 @@ def test_quickstart_learns_the_preference(tmp_path, monkeypatch):
     assert last["eval_logps_chosen"] > mid["eval_logps_chosen"]
     assert last["eval_logps_rejected"] < mid["eval_logps_rejected"]
     assert (out / "final" / "model.safetensors").is_file()
+    # the healthy reference run: no run-health warning (tests/test_health.py triggers each one)
+    assert [r for r in read_metrics(out) if "warning" in r] == []

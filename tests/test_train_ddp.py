@@ -26,7 +26,9 @@ def _raw(out, stories_dir, hh_path, batch_size):
             "num_key_value_heads": 2, "intermediate_size": 64}
     return {
         "model": {"init": tiny, "tokenizer": str(stories_dir)},
-        "data": {"train": str(hh_path), "max_length": 64, "max_samples": 10, "eval_fraction": 0.2},
+        # general_eval: 3 blocks of 64 tokens, so the ranks score different numbers of blocks (2 and 1)
+        "data": {"train": str(hh_path), "max_length": 64, "max_samples": 10, "eval_fraction": 0.2,
+                 "general_eval": str(out.parent / "general.txt")},
         "train": {"output_dir": str(out), "max_steps": 3, "batch_size": batch_size, "eval_batch_size": 1,
                   "learning_rate": 1e-3, "save_every": 2},
     }
@@ -38,6 +40,7 @@ def _raw(out, stories_dir, hh_path, batch_size):
 def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, stories_dir, hh_path):
     script = tmp_path / "run.py"
     script.write_text(SCRIPT)
+    (tmp_path / "general.txt").write_text("Once upon a time, there was a little girl named Lily. " * 9)
     raw = _raw(tmp_path / "ddp", stories_dir, hh_path, batch_size=2)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
@@ -49,6 +52,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, st
 
     ddp, one = read_metrics(tmp_path / "ddp"), read_metrics(tmp_path / "one")
     assert [r["step"] for r in ddp] == [r["step"] for r in one] == [0, 1, 2, 3, 3]
+    assert "eval_general_ppl" in ddp[0]  # all-reduced over ranks: compared below like every metric
     for a, b in zip(ddp, one, strict=True):
         for key, value in b.items():
             if key in ("tokens_per_s", "step"):

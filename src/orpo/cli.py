@@ -1,4 +1,5 @@
-"""The `orpo` command line: train, preprocess, audit, eval, generate, merge, checkpoints, report, config-doc.
+"""The `orpo` command line: train, sweep, preprocess, audit, eval, generate, merge, checkpoints, report,
+config-doc.
 
 Every command reports an expected failure (bad configuration or data, a diverged run) as one clear
 message on stderr and its own exit status (``EXIT_*`` below), without a traceback; anything else
@@ -13,6 +14,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+EXIT_FAILED_RUNS = 1  # `orpo sweep`: some runs failed (they are in the table)
 EXIT_USAGE = 2  # bad input: configuration, data or arguments
 EXIT_DIVERGED = 3  # training stopped: train.max_bad_steps non-finite steps in a row (TrainingDiverged)
 EXIT_STOPPED = 4  # stopped before the last step when asked (a signal), after a checkpoint: resume to go on
@@ -87,6 +89,24 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("config", help="YAML configuration file")
     t.add_argument("overrides", nargs="*", metavar="key.path=value", help="dotted overrides")
     t.set_defaults(func=_cmd_train)
+
+    sw = sub.add_parser(
+        "sweep", help="train a grid of configs (key=v1,v2,...) and tabulate their eval metrics",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Each key=v1,v2,... is swept (commas inside [...] or quotes do not split); key=value is fixed.\n"
+        "Runs go one after another into OUTPUT_DIR/<values>/; the table (OUTPUT_DIR/sweep/sweep.md and\n"
+        "sweep.json) is rewritten after each run, and printed at the end. Exit status 1 if a run failed.\n"
+        "  orpo sweep cfg.yaml orpo.beta=0.05,0.1,0.2 train.learning_rate=5e-6,8e-6 train.max_steps=500")
+    sw.add_argument("config", help="YAML configuration file")
+    sw.add_argument("overrides", nargs="+", metavar="key.path=v1,v2,...", help="swept keys and fixed overrides")
+    sw.add_argument("--sort", default="eval_loss", metavar="METRIC",
+                    help="eval metric the table is sorted by, best final value first (default: eval_loss)")
+    sw.add_argument("--metrics", default=None, metavar="M1,M2",
+                    help="eval metrics in the table (default: the sort metric, loss, accuracy, log odds ratio / "
+                    "margin, general ppl: those the runs have)")
+    sw.add_argument("--stop-on-failure", action="store_true", help="stop the sweep at the first failed run")
+    sw.add_argument("--dry-run", action="store_true", help="validate every config and list the runs; train nothing")
+    sw.set_defaults(func=_cmd_sweep)
 
     pp = sub.add_parser("preprocess", help="tokenize the data and print its summary, nothing else",
                         epilog=TRAIN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -171,6 +191,25 @@ def _cmd_train(args: argparse.Namespace) -> int:
             print(f"orpo train: error: {e}", file=sys.stderr)
         return EXIT_DIVERGED
     return 0
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from orpo.sweep import Sweep, describe, parse_grid
+
+    swept, fixed = parse_grid(args.overrides)
+    metrics = [m.strip() for m in args.metrics.split(",")] if args.metrics else None
+    sweep = Sweep(args.config, swept, fixed, sort=args.sort, metrics=metrics, stop_on_failure=args.stop_on_failure)
+    if args.dry_run:
+        print(describe(sweep), end="")
+        return 0
+    runs = sweep.run()
+    print(sweep.write())
+    print(f"\ntable: {sweep.output_dir / 'sweep' / 'sweep.md'}", file=sys.stderr)
+    print(sweep.report(), file=sys.stderr)
+    failed = [r.name for r in runs if r.status == "failed"]
+    if failed:
+        print(f"orpo sweep: {len(failed)} of {len(runs)} runs failed: {', '.join(failed)}", file=sys.stderr)
+    return EXIT_FAILED_RUNS if failed else 0
 
 
 def _cmd_preprocess(args: argparse.Namespace) -> int:

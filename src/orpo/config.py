@@ -205,6 +205,11 @@ class DataConfig(_Section):
         "computed once (sdpa, eager, flex_attention); packed_shared_prompt = those rows packed. "
         "See docs/ARCHITECTURE.md, 'Batch layouts'.",
     )
+    general_eval: str | None = Field(
+        None,
+        description="Forgetting monitor: a plain-text file, or JSONL with a 'text' field (optionally .gz). At "
+        "each eval its perplexity is logged as eval_general_ppl (documents cut into max_length blocks).",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> DataConfig:
@@ -311,6 +316,83 @@ OBJECTIVE_KEYS = {"beta": "orpo", "simpo_beta": "simpo", "simpo_gamma": "simpo",
 SchedulerName = Literal["linear", "cosine", "constant", "inverse_sqrt"]
 
 
+def metric_goal(name: str) -> Literal["min", "max"] | None:
+    """Whether lower or higher is better for an eval metric (``train.save_best``, ``orpo sweep --sort``).
+
+    Higher: accuracy, margin, log_odds_ratio, logps_chosen (what preference training raises).
+    Lower: anything ending in ``loss`` or ``ppl``, and logps_rejected. Anything else (counts such
+    as eval_pairs, unknown names): None, and the caller refuses it rather than guess.
+    """
+    base = name.removeprefix("eval_")
+    if base in ("accuracy", "margin", "log_odds_ratio", "logps_chosen"):
+        return "max"
+    if base.endswith(("loss", "ppl")) or base == "logps_rejected":
+        return "min"
+    return None
+
+
+HEALTH_CODES = ("lambda_too_high", "no_separation", "rejected_rising", "instruct_start", "grad_spikes", "forgetting")
+
+
+class HealthConfig(_Section):
+    """Live run-health warnings (``orpo.train.health``): each said once, in metrics.jsonl and the summary.
+
+    The defaults are set so that the quickstart and the short HH runs raise none while the runs
+    built to show each failure (tests/test_health.py) do; the reasons are in docs/health.md.
+    """
+
+    enabled: bool = Field(True, description="Run the health checks at all.")
+    ignore: list[Literal[HEALTH_CODES]] = Field(  # type: ignore[valid-type]
+        default_factory=list, description="Warning codes not to check, e.g. [instruct_start]."
+    )
+    window: float = Field(
+        0.25, gt=0, le=1,
+        description="lambda_too_high / rejected_rising compare the evals of the last window x total steps "
+        "(at least the last two evals): the change from the first to the last.",
+    )
+    min_change: float = Field(
+        0.05, ge=0,
+        description="The smallest change across the window that counts as rising / falling, in the metric's "
+        "own units (nats per token for log-probs, the OR loss per pair).",
+    )
+    nll_rise: float = Field(
+        0.05, ge=0,
+        description="lambda_too_high: the chosen NLL's rise across the window, as a share of its value at the "
+        "window's start, while the odds-ratio loss falls by min_change or more.",
+    )
+    rejected_start: float = Field(
+        0.25, ge=0, le=1,
+        description="rejected_rising: judged from this share of training on (every log-prob rises at first).",
+    )
+    rejected_rise: float = Field(
+        0.5, ge=0,
+        description="rejected_rising: the rejected log-probs rising by at least this share of the chosen "
+        "ones' rise (and by min_change) across the window.",
+    )
+    separation_after: float = Field(
+        0.5, ge=0, le=1, description="no_separation: judged at evals from this share of training on."
+    )
+    min_eval_pairs: int = Field(
+        50, ge=1, description="no_separation: judged only on eval sets of at least this many pairs (on fewer, "
+        "0.55 is within a coin's noise: its standard error at 50 pairs is 0.07).",
+    )
+    min_accuracy: float = Field(
+        0.55, ge=0, le=1,
+        description="no_separation: eval accuracy at or below this (or a log odds ratio <= 0) warns.",
+    )
+    spike_factor: float = Field(
+        10.0, gt=1,
+        description="grad_spikes: a logged gradient norm above this multiple of the median of the "
+        "previous spike_window logged norms is a spike.",
+    )
+    spike_window: int = Field(20, ge=3, description="grad_spikes: logged steps the median is taken over.")
+    max_spikes: int = Field(1, ge=1, description="grad_spikes: warn when this many spikes have been seen.")
+    forgetting_factor: float = Field(
+        1.2, gt=1,
+        description="forgetting: eval_general_ppl above this multiple of its step-0 value warns.",
+    )
+
+
 class TrainConfig(_Section):
     output_dir: str = Field("runs/orpo", description="Where checkpoints, metrics.jsonl and final/ go.")
     max_steps: int | None = Field(None, gt=0, description="Optimizer steps; overrides epochs.")
@@ -365,7 +447,7 @@ class TrainConfig(_Section):
     logps_chunk_size: int | None = Field(
         None, gt=0, description="Rows per chunk for chunked log-probs; default: ~64 MiB of float32 logits (512 MiB on a GPU)."
     )
-    save_final: bool = Field(True, description="Write output_dir/final/ at the end.")
+    save_final: bool = Field(True, description="Write output_dir/final/ at the end (with a model card, README.md).")
     distributed: Literal["auto", "ddp", "fsdp2", "zero2", "zero3"] = Field(
         "auto",
         description="How several processes share the work: auto (the accelerate config's engine, else ddp "
@@ -380,11 +462,22 @@ class TrainConfig(_Section):
         "output_dir/samples.jsonl (and TensorBoard text). 0 = none."
     )
     eval_generate_max_tokens: int = Field(64, gt=0, description="New tokens per eval_generate completion, at most.")
+    save_best: str | None = Field(
+        None,
+        description="Keep output_dir/best/ for the best eval so far of this metric (eval_loss, eval_accuracy, "
+        "eval_general_ppl, ...): lowest for losses / ppl / logps_rejected, highest for accuracy, margin, "
+        "log_odds_ratio, logps_chosen.",
+    )
+    health: HealthConfig = Field(default_factory=HealthConfig, description="Run-health warnings: the train.health keys below; why each default, docs/health.md.")
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
         if self.warmup_steps is not None and self.warmup_ratio is not None:
             raise ValueError("set train.warmup_steps or train.warmup_ratio, not both")
+        if self.save_best is not None and (not self.save_best.startswith("eval_") or metric_goal(self.save_best) is None):
+            raise ValueError(f"train.save_best: '{self.save_best}' is not an eval metric with a known direction; use "
+                             "eval_loss, eval_accuracy, eval_margin, eval_log_odds_ratio, eval_nll_loss, "
+                             "eval_general_ppl, ... (an eval_* loss or ppl is minimized, accuracy/margin maximized)")
         return self
 
 
@@ -407,6 +500,10 @@ class Config(_Section):
                              "model.attn_implementation sdpa | eager | flex_attention")
         if self.train.eval_generate and not has_eval:
             raise ValueError("train.eval_generate needs eval data: set data.eval or data.eval_fraction")
+        if self.train.save_best is not None and not has_eval:
+            raise ValueError("train.save_best needs eval data: set data.eval or data.eval_fraction")
+        if self.data.general_eval is not None and not has_eval:
+            raise ValueError("data.general_eval is measured at each eval: set data.eval or data.eval_fraction")
         return self
 
 
@@ -510,7 +607,8 @@ def config_doc() -> str:
            "`orpo train CONFIG.yaml train.max_steps=100 orpo.beta=0.2`.", ""]
     sections: list[tuple[str, type[BaseModel]]] = [
         ("model", ModelConfig), ("model.lora", LoraConfig), ("model.init", ModelInit),
-        ("data", DataConfig), ("data.train[]", DataSource), ("data.columns", ColumnMap), ("orpo", OrpoConfig), ("train", TrainConfig),
+        ("data", DataConfig), ("data.train[]", DataSource), ("data.columns", ColumnMap), ("orpo", OrpoConfig),
+        ("train", TrainConfig), ("train.health", HealthConfig),
     ]
     for name, cls in sections:
         out += [f"## `{name}`", "", "| key | default | description |", "|---|---|---|"]

@@ -79,6 +79,7 @@ class TrainState:
     num_processes: int = 1
     warnings: dict[str, str] = field(default_factory=dict)  # run-health code -> message, each said once
     engine: str = "single"  # train.distributed as resolved for the run that wrote it
+    watchers: dict[str, Any] = field(default_factory=dict)  # watchers' own state (best eval, windows), JSON
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -485,9 +486,9 @@ def resolve_resume(cfg: Config, verify: Callable[[Path], CheckpointStatus] = ins
 
 
 def clear_previous_run(output_dir: str | Path) -> None:
-    """Remove checkpoints, final model, metrics and TensorBoard logs of a run being overwritten."""
+    """Remove checkpoints, final and best models, metrics and TensorBoard logs of a run being overwritten."""
     out = Path(output_dir)
-    for name in (CHECKPOINTS, "final", "tensorboard"):
+    for name in (CHECKPOINTS, "final", "best", "tensorboard"):
         if (out / name).is_dir():
             shutil.rmtree(out / name)
     for name in ("metrics.jsonl", "samples.jsonl"):

@@ -202,7 +202,8 @@ class TrainResult:
     final_dir: Path | None
     output_dir: Path
     last_metrics: dict[str, Any] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)  # watchers' closing lines (warnings, best checkpoint, ...)
+    notes: list[str] = field(default_factory=list)  # watchers' closing lines (best checkpoint, ...)
+    warnings: dict[str, str] = field(default_factory=dict)  # run-health code -> message (this run and before a resume)
 
     def render(self) -> str:
         lines = [
@@ -217,6 +218,8 @@ class TrainResult:
                          f"accuracy {b['eval_accuracy']:.3f}")
         lines.append(f"model          {self.final_dir or '(not saved: train.save_final is false)'}")
         lines.append(f"metrics        {self.output_dir / 'metrics.jsonl'}")
+        lines += [f"{'warnings' if i == 0 else '':<15}[{code}] {message}"
+                  for i, (code, message) in enumerate(self.warnings.items())]
         lines += self.notes
         return "\n".join(lines)
 
@@ -276,6 +279,7 @@ class Trainer:
         self.show_progress = progress
         self.output_dir = Path(cfg.train.output_dir)
         self.stop_request: tuple[str, bool] | None = None
+        self.last_eval: dict[str, Any] | None = None  # the newest eval row (the model card's numbers)
 
     # -- setup ------------------------------------------------------------------------------
 
@@ -309,7 +313,7 @@ class Trainer:
 
     def _print(self, text: str) -> None:
         if self.is_main:
-            self.console.print(text, highlight=False, soft_wrap=True)
+            self.console.print(text, highlight=False, soft_wrap=True, markup=False)
 
     def _setup_tokenizer(self) -> None:
         if self._given_tokenizer is not None:
@@ -657,6 +661,8 @@ class Trainer:
         m = evaluate(self.model, self.eval_data, self.layout, t.eval_batch_size or t.batch_size,
                      objective=self.objective, accelerator=self.accelerator, keep_mode=self.keep_mode)
         row = {"step": self.state.step, **{f"eval_{k}": v for k, v in m.items()}}
+        for watcher in self.watchers:
+            row.update(watcher.eval_metrics(self))
         best = self.state.best_eval
         if math.isfinite(row["eval_loss"]) and (best is None or row["eval_loss"] < best["eval_loss"]):
             self.state.best_eval = {"step": self.state.step, "eval_loss": row["eval_loss"],
@@ -667,6 +673,7 @@ class Trainer:
         self._print(f"step {self.state.step:>5}  eval acc {m['accuracy']:.3f}{extra}  logp chosen "
                     f"{m['logps_chosen']:.2f}  rejected {m['logps_rejected']:.2f}")
         self.state.last_eval_step = self.state.step
+        self.last_eval = row
         self._notify("on_eval", row)
         return row
 
@@ -677,8 +684,14 @@ class Trainer:
         return path
 
     def save_final(self) -> Path:
-        """``OUTPUT_DIR/final``: a standard HF folder (or LoRA adapter) + tokenizer with its chat template."""
-        final = self.output_dir / "final"
+        """``OUTPUT_DIR/final``: see ``save_model``."""
+        return self.save_model(self.output_dir / "final", eval_row=self.last_eval)
+
+    def save_model(self, folder: Path, eval_row: dict[str, Any] | None = None) -> Path:
+        """A standard HF folder (or LoRA adapter) + tokenizer with its chat template + model card
+        (README.md, with ``eval_row``'s numbers), written atomically. Every rank calls it."""
+        from orpo.train.card import model_card
+
         self.accelerator.wait_for_everyone()
         state_dict = full_state_dict(self.engine, self.model)  # every rank takes part when sharded
         if self.is_main:
@@ -686,14 +699,17 @@ class Trainer:
             template = getattr(self.data, "template", None)
             if template is not None and getattr(template, "jinja", None):
                 self.tokenizer.chat_template = template.jinja
-            with ckpt.atomic_dir(final) as tmp, ckpt.quiet_saving():
+            with ckpt.atomic_dir(folder) as tmp, ckpt.quiet_saving():
                 if is_peft_model(model) and self.cfg.model.init is not None:
-                    _save_lora_with_fresh_base(model, tmp, final)
+                    _save_lora_with_fresh_base(model, tmp, folder)
                 else:
                     model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
                 self.tokenizer.save_pretrained(tmp)
+                (tmp / "README.md").write_text(model_card(
+                    self.cfg, step=self.state.step, eval_row=eval_row, summary=getattr(self.data, "summary", None),
+                    warnings=self.state.warnings, adapter=is_peft_model(model)))
         self.accelerator.wait_for_everyone()
-        return final
+        return folder
 
     def _result(self, elapsed: float, tokens: int, step_seconds: float, final_dir: Path | None,
                 row: dict | None) -> TrainResult:
@@ -706,7 +722,7 @@ class Trainer:
         return TrainResult(steps=self.state.step, skipped_steps=self.state.skipped_steps, time_s=elapsed,
                            tokens=tokens, tokens_per_s=tokens / max(step_seconds, 1e-9), peak_memory_bytes=peak,
                            peak_memory_kind=kind, best_eval=self.state.best_eval, final_dir=final_dir,
-                           output_dir=self.output_dir, last_metrics=row or {})
+                           output_dir=self.output_dir, last_metrics=row or {}, warnings=dict(self.state.warnings))
 
 
 def _save_lora_with_fresh_base(model, tmp: Path, final: Path) -> None:

@@ -29,6 +29,10 @@ class Watcher:
     def on_step(self, trainer: Trainer, row: dict[str, Any] | None) -> None:
         """After each optimizer step and its logging (``row`` is None on steps that log nothing)."""
 
+    def eval_metrics(self, trainer: Trainer) -> dict[str, float]:
+        """Extra ``eval_*`` metrics for the eval row being built (same on every rank), before it is logged."""
+        return {}
+
     def on_eval(self, trainer: Trainer, row: dict[str, Any]) -> None:
         """After each evaluation; ``row`` holds ``step`` and the ``eval_*`` metrics, already logged."""
 
@@ -51,7 +55,9 @@ class StepCallback(Watcher):
 
 def build_watchers(cfg: Config) -> list[Watcher]:
     """The watchers a run's config asks for, in the order they are called: register new ones here."""
-    watchers: list[Watcher] = []
+    from orpo.train import health
+
+    watchers: list[Watcher] = health.build(cfg)  # general_eval (adds eval_general_ppl), health warnings, save_best
     if cfg.train.eval_generate:
         from orpo.train.samples import EvalSamples
 
