@@ -579,8 +579,8 @@ def data_identity(spec: str, split: str, subset: str | None) -> tuple[str, RowSo
     return f"hub:{spec}:{split}:{subset}:{_rows_digest(rows.rows)}", rows
 
 
-def _rows_digest(rows: Sequence[dict[str, Any]]) -> str:
-    """sha256 of rows' content (hub data, rows given in Python)."""
+def _rows_digest(rows: Sequence[Any]) -> str:
+    """sha256 of rows' content (hub data, rows given in Python; an unreadable row by its repr)."""
     h = hashlib.sha256()
     for row in rows:
         h.update(json.dumps(row, sort_keys=True, default=str, ensure_ascii=False).encode())
