@@ -173,11 +173,14 @@ def test_every_rank_stops_at_the_same_step_when_one_rank_or_the_launcher_is_sign
     cfg = _config(tmp_path / "cfg.yaml", stories_dir, hh_path, batch_size=1, grad_accum=1, max_steps=6)
     out = tmp_path / "run"
 
-    # SIGTERM to rank 1 only, after step 2: the ranks agree at the next boundary; both exit 4.
+    # SIGTERM to rank 1 only, after step 2: the ranks agree at the next boundary, write the step-3
+    # checkpoint together, and exit 4 (torchrun sends SIGTERM to a rank still exiting when another
+    # has exited first: -15 then, after the checkpoint).
     proc = _torchrun(tmp_path, cfg, {"rank": 1, "step": 2, "launcher": False})
     assert "stopped at step 3 of 6: SIGTERM received by rank 1; resume with train.resume=auto" in proc.stderr, (
         proc.stderr[-3000:])
-    assert proc.stderr.count("exitcode  : 4") == 2, proc.stderr[-3000:]
+    codes = re.findall(r"exitcode\s+: (-?\d+)", proc.stderr)
+    assert "4" in codes and set(codes) <= {"4", "-15"}, proc.stderr[-3000:]
     status = ckpt.inspect_checkpoint(out / "checkpoints" / "step-3")
     assert status.complete and status.num_processes == 2
     assert {p.name for p in (out / "checkpoints" / "step-3").glob("rng_state_*.pt")} == {"rng_state_0.pt",
