@@ -15,7 +15,7 @@ import torch
 from orpo.cli import main
 from orpo.config import load_config
 from orpo.data import prepare_data
-from orpo.report import NotARunError, default_names, write_report
+from orpo.report import FIGURES, NotARunError, _colors, _label, default_names, load_run, write_report
 from orpo.train import Trainer, read_metrics
 from orpo.train.samples import greedy_completions, read_samples
 
@@ -111,6 +111,22 @@ def test_report_writes_pngs_and_one_self_contained_page(runs, tmp_path):
     change = evals[-1]["eval_logps_rejected"] - evals[0]["eval_logps_rejected"]
     assert summary[1]["change"]["logps_rejected"] == pytest.approx(change)
     assert summary[1]["final"]["accuracy"] == evals[-1]["eval_accuracy"]
+
+
+def test_every_panel_of_every_figure_is_labelled_and_the_legend_names_every_run(runs):
+    import orpo.report as report
+
+    loaded = [load_run(r, n) for r, n in zip(runs, ["odds", "plain"], strict=True)]
+    for name in FIGURES:
+        fig = getattr(report, f"plot_{name}")(loaded, _colors(len(loaded)))
+        panels = [ax for ax in fig.axes if ax.get_visible()]
+        assert panels, name
+        for ax in panels:
+            assert ax.get_title() and ax.get_xlabel() == "step" and ax.get_ylabel(), (name, ax.get_title())
+        [legend] = fig.legends
+        assert {_label(r) for r in loaded} <= {t.get_text() for t in legend.get_texts()}, name
+    logps = report.plot_logps(loaded, _colors(2))  # the paper's figure: one change-since-step-0 panel per run
+    assert [ax.get_ylabel() for ax in logps.axes if ax.get_visible()][1:] == ["Δ log P since step 0"] * 2
 
 
 def test_a_folder_that_is_not_a_run_is_a_clear_error_and_writes_nothing(runs, tmp_path, capsys):

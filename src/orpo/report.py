@@ -259,10 +259,12 @@ def plot_loss(runs: list[Run], colors: list[Any]):
     fig, axes = _figure(2 + len(terms), max_cols=2 if len(terms) == 2 else 3)
     keys = ["loss", "nll_loss", *terms]
     titles = {"loss": "loss (each objective's own)", "nll_loss": "NLL of chosen responses"}
+    ylabels = {"loss": "loss", "nll_loss": "NLL (nats per chosen token)"}
     for ax, key in zip(axes, keys, strict=True):
         for run, color in zip(runs, colors, strict=True):
             _curve(ax, run, key, color, None)
         ax.set_title(titles.get(key, key))
+        ax.set_ylabel(ylabels.get(key, f"{key} (per pair)"))
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     _run_legend(fig, runs, colors, _TRAIN_EVAL)
@@ -274,10 +276,13 @@ def plot_preference(runs: list[Run], colors: list[Any]):
     fig, axes = _figure(3)
     titles = {"log_odds_ratio": "log odds ratio (chosen vs rejected)", "accuracy": "accuracy (logp chosen > rejected)",
               "margin": "margin (logp chosen − rejected)"}
+    ylabels = {"log_odds_ratio": "log odds(chosen) − log odds(rejected)", "accuracy": "share of pairs",
+               "margin": "Δ mean log P(response token)"}
     for ax, key in zip(axes, titles, strict=True):
         for run, color in zip(runs, colors, strict=True):
             _curve(ax, run, key, color, None)
         ax.set_title(titles[key])
+        ax.set_ylabel(ylabels[key])
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     axes[1].axhline(0.5, color="0.5", linewidth=0.8, linestyle=":")
@@ -292,7 +297,9 @@ def plot_optim(runs: list[Run], colors: list[Any]):
         _curve(lr_ax, run, "lr", color, None, evals=False, smooth=False)
         _curve(gn_ax, run, "grad_norm", color, None, evals=False)
     lr_ax.set_title("learning rate")
+    lr_ax.set_ylabel("learning rate")
     gn_ax.set_title("gradient norm (before clipping)")
+    gn_ax.set_ylabel("global L2 norm of the gradients")
     if any(v > 0 for run in runs for v in _series(run.train, "grad_norm")[1]):
         gn_ax.set_yscale("log")
     for a in (lr_ax, gn_ax):
