@@ -135,7 +135,6 @@ def test_bad_input_exits_2_with_one_message(tmp_path, capsys):
     broken.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": \n')
     cases = [
         ([str(tmp_path / "missing.jsonl")], "missing.jsonl: no such file"),
-        ([str(broken)], "broken.jsonl line 2: malformed JSON"),
         ([str(QS / "train.jsonl"), "--max-length", "64"], "--max-length counts tokens: give --model"),
         ([str(QS / "train.jsonl"), "--chat-template", "nosuch"], "unknown chat template 'nosuch'"),
         ([str(QS / "train.jsonl"), "--model", str(tmp_path / "nomodel")], "--model"),
@@ -146,6 +145,10 @@ def test_bad_input_exits_2_with_one_message(tmp_path, capsys):
         assert main(["audit", *args, "--json"]) == 2, args
         out = capsys.readouterr()
         assert out.out == "" and message in out.err and "Traceback" not in out.err, (args, out.err)
+    # a row that cannot be read is a finding, counted as training counts it, not a reason to stop
+    capsys.readouterr()
+    assert main(["audit", str(broken), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["dropped"] == {"bad row: malformed JSON": 1}
 
 
 def test_columns_flag_maps_any_three_columns(tmp_path, capsys):
@@ -186,8 +189,8 @@ def test_model_accuracy_matches_orpo_eval(scored, stories_dir, capsys, one_threa
     """The audit's accuracy is the same number training's evaluation reports on the same pairs."""
     audit = _audit_json(capsys, str(scored), "--model", str(stories_dir), "--max-length", "64")
     capsys.readouterr()
-    assert main(["eval", "--model", str(stories_dir), "--data", str(scored), "--max-length", "64"]) == 0
-    assert json.loads(capsys.readouterr().out)["accuracy"] == pytest.approx(audit["accuracy"])
+    assert main(["eval", "--model", str(stories_dir), "--data", str(scored), "--max-length", "64", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["accuracy"] == pytest.approx(audit["accuracy"])
 
 
 def test_truncation_share_and_drops_are_exact(tmp_path, stories_tokenizer, capsys):

@@ -59,7 +59,8 @@ def test_a_2x2_sweep_runs_every_point_in_its_own_folder(sweep):
     assert code == 1  # some runs failed; the table says which
     names = {"beta-0.5_learning_rate-5e-3", "beta-1.0_learning_rate-5e-3", "beta-0.5_learning_rate-1e9",
              "beta-1.0_learning_rate-1e9"}
-    assert {p.name for p in out.iterdir() if p.is_dir()} == names | {"sweep"}
+    assert {p.name for p in out.iterdir() if p.is_dir()} == names | {"sweep", "report"}
+    assert (out / "report" / "report.html").is_file()  # orpo report over the runs that wrote metrics
     for name in names:
         cfg = yaml.safe_load((out / name / "config.yaml").read_text())
         beta, lr = name.removeprefix("beta-").split("_learning_rate-")
@@ -86,7 +87,7 @@ def test_the_table_has_final_and_best_metrics_sorted_and_failures(sweep):
         assert r["best"]["eval_accuracy"]["value"] == high
         assert (Path(r["output_dir"]) / "final" / "README.md").is_file()
     for r in runs[2:]:
-        assert r["error"].startswith("TrainingDiverged: stopped at step") and r["values"]["train.learning_rate"] == "1e9"
+        assert r["error"].startswith("TrainingDiverged: training diverged") and r["values"]["train.learning_rate"] == "1e9"
     md = (out / "sweep" / "sweep.md").read_text()
     rows = [line for line in md.splitlines() if line.startswith("| beta-")]
     assert [row.split(" | ")[0].removeprefix("| ") for row in rows] == [r["name"] for r in runs]

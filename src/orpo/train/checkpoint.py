@@ -510,6 +510,19 @@ def read_state(ckpt: Path) -> TrainState:
     return TrainState.from_json((ckpt / STATE_FILE).read_text())
 
 
+def read_weights(ckpt: Path) -> dict[str, torch.Tensor]:
+    """A checkpoint's model tensors, whatever number of processes wrote them, as one plain state dict
+    keyed by parameter name; trainable parameters only (a LoRA checkpoint holds the adapter). For
+    looking inside a checkpoint; training resumes through ``load_checkpoint``."""
+    import tempfile
+
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    with tempfile.TemporaryDirectory() as tmp, _single_process_ok():
+        dcp_to_torch_save(Path(ckpt) / STATE_DIR, Path(tmp) / "state.pt")
+        return torch.load(Path(tmp) / "state.pt", weights_only=False)["model"]
+
+
 def check_resume_compatible(ckpt: Path, cfg: Config, fingerprint: str, num_processes: int, engine: str,
                             micro_batches_per_epoch: Callable[[int, int], int]) -> TrainState:
     """Load the checkpoint's state; refuse, listing every difference, if the run has changed.
