@@ -25,6 +25,7 @@ from orpo.data.collate import (
     build_layout,
     first_fit_decreasing,
     layout_for_model,
+    resolve_layout,
     shared_prefix_len,
 )
 from orpo.loss import sequence_logps
@@ -383,6 +384,25 @@ def test_layouts_refuse_models_they_would_get_wrong(stories_dir):
     with pytest.raises(ConfigError, match="attention mask"):
         load_config(raw={"model": {"name_or_path": "x", "attn_implementation": "flash_attention_2"},
                          "data": {"train": "x.jsonl", "layout": "shared_prompt"}})
+
+
+def test_auto_takes_the_fastest_layout_the_model_runs_exactly(tmp_path, stories_dir, hh_path):
+    """data.layout auto (the default): packed_shared_prompt where a mask is taken, packed under
+    FlashAttention, padded for a model no padding-free layout fits; read back from the built layout."""
+    trainer = Trainer(_cfg(tmp_path, stories_dir, hh_path, "keep"), progress=False).setup()
+    assert trainer.cfg.data.layout == "auto" and isinstance(trainer.layout, PackedSharedPromptLayout)
+    tok = load_tokenizer(ModelConfig(name_or_path=str(stories_dir)))
+    model = AutoModelForCausalLM.from_pretrained(str(stories_dir))
+    model.config._attn_implementation = "flash_attention_2"  # only the choice is built, no forward runs
+    layout, line = resolve_layout("auto", model, 0, 96)
+    assert type(layout) is PackedLayout and "not packed_shared_prompt" in line and "FlashAttention" in line
+    windowed = load_model(ModelConfig(init={**QWEN2, "use_sliding_window": True, "sliding_window": 32},
+                                      tokenizer=str(stories_dir)), tok)
+    layout, line = resolve_layout("auto", windowed, 0, 96)
+    assert isinstance(layout, PaddedLayout) and line.startswith("layout: padded (data.layout auto; not packed_")
+    assert "sliding window" in line
+    layout, line = resolve_layout("shared_prompt", windowed, 0, 16)  # a named layout is not second-guessed
+    assert type(layout) is SharedPromptLayout and line == "layout: shared_prompt"
 
 
 def test_collate_keeps_targets_of_a_packed_batch(tmp_path, stories_dir, hh_path):

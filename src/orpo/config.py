@@ -196,9 +196,11 @@ class DataConfig(_Section):
     cache_dir: str | None = Field(
         None, description="Tokenized-data cache; default $ORPO_CACHE or ~/.cache/orpo."
     )
-    layout: Literal["padded", "packed", "shared_prompt", "packed_shared_prompt"] = Field(
-        "padded",
+    layout: Literal["auto", "padded", "packed", "shared_prompt", "packed_shared_prompt"] = Field(
+        "auto",
         description="How pairs become a forward batch (same loss, log-probs and gradients in every one): "
+        "auto = the fastest this model can run: packed_shared_prompt, else packed (flash_attention_2), else "
+        "padded (a model without position_ids, a sliding window shorter than a row), the choice printed; "
         "padded = 2B right-padded rows (every model and attention backend); packed = the 2B sequences "
         "packed into rows of max_length tokens, no padding (sdpa, eager, flex_attention, "
         "flash_attention_2); shared_prompt = one row [prompt][chosen][rejected] per pair, the prompt "

@@ -21,6 +21,7 @@ sequences under FlashAttention, one row with ``cu_seq_lens`` (the varlen kernel;
 from __future__ import annotations
 
 import inspect
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
@@ -33,6 +34,8 @@ from orpo.loss import nll_target_mask
 IGNORE_INDEX = -100
 
 LAYOUTS = ("padded", "packed", "shared_prompt", "packed_shared_prompt")
+# data.layout auto tries these in order, fastest first (bench/README.md has the measurements)
+AUTO_LAYOUTS = ("packed_shared_prompt", "packed", "padded")
 # The columns a layout turns into tokens; any other column of a row is a per-pair value (``pair_values``).
 TOKEN_COLUMNS = ("chosen_input_ids", "chosen_prompt_len", "rejected_input_ids", "rejected_prompt_len")
 
@@ -472,3 +475,20 @@ def layout_for_model(name: str, model, pad_token_id: int, max_length: int) -> La
                           f"which a custom mask does not apply, and a row can hold {row}; use data.layout: padded "
                           "or attn_implementation flash_attention_2")
     return build_layout(name, pad_token_id, max_length, impl, inner.dtype)
+
+
+def resolve_layout(name: str, model, pad_token_id: int, max_length: int) -> tuple[Layout, str]:
+    """The layout ``data.layout`` asks for and a line saying which one runs; ``auto`` takes the first
+    of ``AUTO_LAYOUTS`` this model and attention backend can run exactly, and says why it skipped any."""
+    if name != "auto":
+        return layout_for_model(name, model, pad_token_id, max_length), f"layout: {name}"
+    skipped = []
+    for candidate in AUTO_LAYOUTS:
+        try:
+            layout = layout_for_model(candidate, model, pad_token_id, max_length)
+        except ConfigError as err:
+            why = re.split(r"[;:] use ", re.sub(r"^data\.layout \S+:? ", "", str(err)))[0]
+            skipped.append(f"not {candidate}: {why}")
+            continue
+        return layout, f"layout: {candidate} (data.layout auto{'; ' + '; '.join(skipped) if skipped else ''})"
+    raise AssertionError("padded takes every model")

@@ -41,7 +41,7 @@ from rich.console import Console
 from torch.utils.data import DataLoader
 
 from orpo.config import Config, ConfigError
-from orpo.data.collate import TOKEN_COLUMNS, Layout, PreferenceBatch, layout_for_model
+from orpo.data.collate import TOKEN_COLUMNS, Layout, PreferenceBatch, resolve_layout
 from orpo.train import checkpoint as ckpt
 from orpo.train.distributed import Engine, build_engine, estimate_memory, full_state_dict
 from orpo.train.evaluate import evaluate
@@ -366,8 +366,12 @@ class Trainer:
             self._print(logps.note)
         # Built here, not with the data: a padding-free layout hands attention to the model in the
         # form its backend reads (4D mask, BlockMask or varlen), known once the model is loaded.
-        self.layout = self._given_layout or layout_for_model(self.cfg.data.layout, model, self.tokenizer.pad_token_id,
-                                                             self.cfg.data.max_length)
+        if self._given_layout is not None:
+            self.layout = self._given_layout
+        else:
+            self.layout, line = resolve_layout(self.cfg.data.layout, model, self.tokenizer.pad_token_id,
+                                               self.cfg.data.max_length)
+            self._print(line)
         total = sum(p.numel() for p in model.parameters())
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         self._print(f"model: {total:,} parameters, {trainable:,} trainable"
