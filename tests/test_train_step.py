@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from orpo.config import ConfigError, ModelConfig, TrainConfig, load_config
+from orpo.data.collate import PaddedLayout
 from orpo.loss import orpo_loss
 from orpo.train import ensure_pad_token, evaluate, load_model, load_tokenizer
 from orpo.train.model import logits_keep_mode
@@ -100,7 +101,9 @@ def test_logits_to_keep_is_exact(trainer, nll_on_prompt):
     model = trainer.model
     assert logits_keep_mode(model) == "mask"
     objective = ORPOObjective(beta=0.5, nll_on_prompt=nll_on_prompt)
-    layout_batch = trainer.layout(_rows(trainer, 4))
+    # padded: every layout keeps targets the same way (tests/test_layouts.py), and here the positions
+    # the loss does not read (padding, and the prompt unless nll_on_prompt) are plain to count
+    layout_batch = PaddedLayout(pad_token_id=trainer.tokenizer.pad_token_id)(_rows(trainer, 4))
     results = {}
     for mode in (None, "mask", "positions"):
         model.zero_grad()
