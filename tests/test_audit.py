@@ -127,15 +127,27 @@ def test_text_report_fits_a_screen_and_names_what_it_found(planted, capsys):
     assert main(["audit", str(planted), "--chat-template", "chatml"]) == 0
     text = capsys.readouterr().out
     assert len(text.splitlines()) <= 30 and max(len(line) for line in text.splitlines()) <= 110
-    assert "duplicate pairs" in text and "3, 5" in text and "found: duplicate pairs" in text
+    assert "duplicate pairs" in text and "3, 5" in text and "found: dropped rows, duplicate pairs" in text
+
+
+def test_a_malformed_line_is_a_counted_bad_row(tmp_path, capsys):
+    """A JSON Lines file cut short is bad rows like any other: counted and named, never fatal here."""
+    broken = _write_jsonl(tmp_path / "broken.jsonl", [_row("a", "b", "c"), _row("d", "e", "f")])
+    broken.write_text(broken.read_text() + '{"prompt": \n')
+    out = _audit_json(capsys, str(broken))
+    assert out["rows"] == 3 and out["pairs"] == 2 and out["dropped"] == {"bad row: malformed JSON": 1}
+    capsys.readouterr()
+    assert main(["audit", str(broken)]) == 0
+    text = " ".join(capsys.readouterr().out.replace("│", " ").split())  # the table wraps long paths
+    assert "broken.jsonl line 3: malformed JSON" in text and "found: dropped rows" in text
 
 
 def test_bad_input_exits_2_with_one_message(tmp_path, capsys):
-    broken = tmp_path / "broken.jsonl"
-    broken.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": \n')
+    broken = tmp_path / "broken.json"
+    broken.write_text('[{"prompt": "a", "chosen": "b", "rejected": "c"}, {"prompt": ')
     cases = [
         ([str(tmp_path / "missing.jsonl")], "missing.jsonl: no such file"),
-        ([str(broken)], "broken.jsonl line 2: malformed JSON"),
+        ([str(broken)], "broken.json: malformed JSON"),
         ([str(QS / "train.jsonl"), "--max-length", "64"], "--max-length counts tokens: give --model"),
         ([str(QS / "train.jsonl"), "--chat-template", "nosuch"], "unknown chat template 'nosuch'"),
         ([str(QS / "train.jsonl"), "--model", str(tmp_path / "nomodel")], "--model"),
@@ -186,8 +198,9 @@ def test_model_accuracy_matches_orpo_eval(scored, stories_dir, capsys, one_threa
     """The audit's accuracy is the same number training's evaluation reports on the same pairs."""
     audit = _audit_json(capsys, str(scored), "--model", str(stories_dir), "--max-length", "64")
     capsys.readouterr()
-    assert main(["eval", "--model", str(stories_dir), "--data", str(scored), "--max-length", "64"]) == 0
-    assert json.loads(capsys.readouterr().out)["accuracy"] == pytest.approx(audit["accuracy"])
+    assert main(["eval", "--model", str(stories_dir), "--data", str(scored), "--max-length", "64", "--json"]) == 0
+    (evaluated,) = json.loads(capsys.readouterr().out)
+    assert evaluated["accuracy"] == pytest.approx(audit["accuracy"])
 
 
 def test_truncation_share_and_drops_are_exact(tmp_path, stories_tokenizer, capsys):

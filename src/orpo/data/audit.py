@@ -104,6 +104,8 @@ class AuditReport:
             console.print(noise)
         found = [CHECK_LABELS[k] for k in (*TEXT_FINDINGS, "dropped_by_truncation", "eval_prompt_overlap")
                  if (self.checks.get(k) or {}).get("count")]
+        if sum(self.dropped.values()):
+            found.insert(0, "dropped rows")
         console.print("found: " + ", ".join(found) if found else "found: no faults")
         return out.getvalue().rstrip()
 
