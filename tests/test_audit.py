@@ -203,6 +203,41 @@ def test_model_accuracy_matches_orpo_eval(scored, stories_dir, capsys, one_threa
     assert evaluated["accuracy"] == pytest.approx(audit["accuracy"])
 
 
+@pytest.mark.parametrize("kind", ["list", "dataframe", "dataset", "named index"])
+def test_rows_in_memory_are_audited_by_index(kind):
+    """The planted faults given as rows in memory: the same counts, examples named by index (0-based)."""
+    import datasets
+    import pandas as pd
+
+    from orpo.data.audit import audit
+
+    rows = [r for r in _planted() if r is not None]  # line n of the file is index n - 1 here, n - 2 past line 4
+    data = {"list": rows, "dataframe": pd.DataFrame(rows), "dataset": datasets.Dataset.from_list(rows),
+            "named index": pd.DataFrame(rows, index=[f"id{i}" for i in range(len(rows))])}[kind]
+    out = audit(data, chat_template="chatml").to_json()
+    assert out["row_numbers"] == "index" and out["rows"] == 14 and out["pairs"] == 12
+    name = (lambda i: f"id{i}") if kind == "named index" else (lambda i: i)  # noqa: E731
+    expected = {"duplicates": [2, 3], "identical_pairs": [4, 5], "conflicting_pairs": [6, 7],
+                "near_identical_pairs": [8], "empty_responses": [10], "template_leaks": [11, 12], "control_chars": [13]}
+    for key, indices in expected.items():
+        assert out[key] == {"count": len(indices), "examples": [name(i) for i in indices]}, key
+
+
+def test_a_loaded_model_and_tokenizer_score_rows_in_memory(scored, stories_dir, one_thread):
+    """The notebook path: model and tokenizer objects (stories260K's tokenizer has no pad token)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from orpo.data.audit import audit
+
+    rows = [json.loads(line) for line in scored.read_text().splitlines()]
+    tokenizer = AutoTokenizer.from_pretrained(str(stories_dir))
+    assert tokenizer.pad_token is None
+    model = AutoModelForCausalLM.from_pretrained(str(stories_dir))
+    report = audit(rows, model=model, tokenizer=tokenizer, chat_template="none", max_length=64)
+    assert report.accuracy == pytest.approx(4 / 6)
+    assert sorted(c["row"] for c in report.label_noise_candidates or []) == [2, 4]  # the swapped rows' indices
+
+
 def test_truncation_share_and_drops_are_exact(tmp_path, stories_tokenizer, capsys):
     long_prompt = " ".join(["word"] * 60)
     rows = [

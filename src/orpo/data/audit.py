@@ -128,6 +128,10 @@ def audit(data: Any, *, format: str = "auto", columns: dict[str, str] | None = N
         model, tokenizer = _load_model(model)
     elif model is not None and tokenizer is None:
         raise ConfigError("audit: a model object needs its tokenizer (tokenizer=...)")
+    elif model is not None:
+        from orpo.train.model import ensure_pad_token
+
+        ensure_pad_token(tokenizer)  # as training does to a loaded tokenizer: scoring pads batches
     limits = {"max_length": max_length, "max_prompt_length": max_prompt_length,
               "min_response_tokens": min_response_tokens}
     limits = {k: v for k, v in limits.items() if v is not None}
