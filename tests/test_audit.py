@@ -120,6 +120,9 @@ def test_eval_prompt_overlap_names_eval_lines(planted, tmp_path, capsys):
     out = _audit_json(capsys, str(planted), "--eval", str(evalset))
     assert out["eval_prompt_overlap"] == {"count": 2, "examples": [2, 3]}
     assert out["rows"] == 14  # the eval file is not part of the audited rows
+    assert main(["audit", str(planted), "--eval", str(evalset)]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if "eval prompts also in train" in x)
+    assert "66.7%" in line  # 2 of the 3 eval pairs, not of the 12 training pairs
 
 
 def test_text_report_fits_a_screen_and_names_what_it_found(planted, capsys):

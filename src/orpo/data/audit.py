@@ -61,6 +61,7 @@ class AuditReport:
     accuracy: float | None = None
     label_noise_candidates: list[dict[str, Any]] | None = None  # [{row, log_odds_ratio}], most negative first
     first_errors: list[str] = field(default_factory=list)
+    eval_pairs: int | None = None  # with --eval: its valid pairs (the eval overlap's share is of these)
 
     def to_json(self) -> dict[str, Any]:
         values = {**self.checks, "source": self.source, "format": self.format, "template": self.template,
@@ -88,7 +89,7 @@ class AuditReport:
             head.add_row("model accuracy", f"{self.accuracy:.3f}  (share of pairs whose chosen response is the more "
                          "likely one, before training)")
         checks = render_checks(self.checks, self.pairs, only_found=False,
-                               title=f"Checks (examples: {self.row_numbers} numbers)")
+                               title=f"Checks (examples: {self.row_numbers} numbers)", eval_pairs=self.eval_pairs)
         out = io.StringIO()
         console = Console(file=out, width=width, color_system=None, force_terminal=False)
         console.print(head)
@@ -166,7 +167,7 @@ def audit(data: Any, *, format: str = "auto", columns: dict[str, str] | None = N
         row_numbers=read.sources[0].numbering, max_length=cfg.max_length if tokenizer is not None else None,
         rows=read.norms[0].rows_read, pairs=len(read.train), dropped=dropped,
         checks=run_checks(read, read.train, markers, read.number, stats, train_sources=1),
-        first_errors=read.norms[0].first_errors,
+        first_errors=read.norms[0].first_errors, eval_pairs=len(read.eval) if read.eval is not None else None,
     )
     if model is not None and encoded is not None:
         _score(report, model, tokenizer, encoded, [read.number(r) for r in read.train.refs], batch_size)
