@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint bench setup clean docs
+.PHONY: demo test lint bench faults setup clean docs
 
 setup: $(STAMP)
 
@@ -32,6 +32,12 @@ docs: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/run.py
+
+# The fault suite (docs/reliability.md): 20 SIGKILLs, 3 SIGTERMs, 2 damaged checkpoints and a full disk
+# on stories260K + HH, each followed by a resume; the final weights must equal an uninterrupted run's.
+# Several minutes on 2 cores; writes runs/faults/faults.json. A short variant runs in `make test`.
+faults: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) tests/faults/run.py --out runs/faults
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache .mypy_cache

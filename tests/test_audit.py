@@ -150,7 +150,7 @@ def test_bad_input_exits_2_with_one_message(tmp_path, capsys):
     broken.write_text('[{"prompt": "a", "chosen": "b", "rejected": "c"}, {"prompt": ')
     cases = [
         ([str(tmp_path / "missing.jsonl")], "missing.jsonl: no such file"),
-        ([str(broken)], "broken.json: malformed JSON"),
+        ([str(broken)], "broken.json: malformed JSON"),  # a whole .json file that does not parse
         ([str(QS / "train.jsonl"), "--max-length", "64"], "--max-length counts tokens: give --model"),
         ([str(QS / "train.jsonl"), "--chat-template", "nosuch"], "unknown chat template 'nosuch'"),
         ([str(QS / "train.jsonl"), "--model", str(tmp_path / "nomodel")], "--model"),

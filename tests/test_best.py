@@ -21,6 +21,7 @@ from transformers import AutoModelForCausalLM
 from orpo.config import ConfigError, load_config
 from orpo.train import Trainer, Watcher, list_checkpoints, read_metrics
 from orpo.train.card import base_license, front_matter, hub_id, model_card
+from orpo.train.checkpoint import read_weights
 
 REPO = Path(__file__).resolve().parents[1]
 QS = REPO / "examples" / "quickstart"
@@ -87,6 +88,12 @@ def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def _holds(saved: dict[str, torch.Tensor], checkpoint: dict[str, torch.Tensor]) -> bool:
+    """Every tensor of a checkpoint (``read_weights``: trainable ones, PEFT's runtime names) is in ``saved``."""
+    names = {k.replace(".default.", "."): v for k, v in checkpoint.items()}
+    return bool(names) and all(k in saved and torch.equal(saved[k], v) for k, v in names.items())
+
+
 @pytest.fixture(scope="module")
 def best_run(tmp_path_factory):
     writes = BestWrites()
@@ -102,11 +109,13 @@ def test_best_holds_the_weights_of_the_best_step(best_run):
     assert 0 < step < 8  # the test means something: the best is neither the start nor the end
     assert trainer.state.watchers["best"] == {"metric": "eval_loss", "value": min(losses), "step": step}
     best = trainer.output_dir / "best"
-    assert _same(_tensors(best), weights[step])
+    assert _same(_tensors(best), weights[step])  # the live weights at that eval ...
+    at_step = read_weights(trainer.output_dir / "checkpoints" / f"step-{step}")
+    assert _holds(_tensors(best), at_step)  # ... and the checkpoint of that step
     assert not _same(_tensors(best), _tensors(trainer.output_dir / "final"))
     assert _same(_tensors(trainer.output_dir / "final"), weights[8])
     reloaded = AutoModelForCausalLM.from_pretrained(str(best))  # a standard HF folder, tokenizer included
-    assert _same(reloaded.state_dict(), weights[step])
+    assert _same(reloaded.state_dict(), weights[step]) and _holds(reloaded.state_dict(), at_step)
     assert (best / "tokenizer.json").is_file() and (best / "chat_template.jinja").is_file()
     assert f"at step {step}" in (best / "README.md").read_text()
     assert any(n.startswith("best model") and f"at step {step}" in n for n in result.notes)
@@ -170,6 +179,8 @@ def test_a_lora_best_is_an_adapter_that_loads(tmp_path):
     adapter = load_file(str(best / "adapter_model.safetensors"))
     assert _same(adapter, writes.weights[step])
     assert step > 0 and not _same(adapter, writes.weights[0])  # the adapter trained (B starts at zero)
+    saved = read_weights(trainer.output_dir / "checkpoints" / f"step-{step}")
+    assert _holds(adapter, saved) and len(adapter) == len(saved)
     # a fresh (model.init) base is saved with the adapter, and the adapter points at it
     assert json.loads((best / "adapter_config.json").read_text())["base_model_name_or_path"] == str(
         (best / "base").resolve())

@@ -187,3 +187,18 @@ def test_resume_refuses_what_changes_the_data_order_or_the_zero_files(tmp_path, 
     with pytest.raises(ResumeError, match="ZeRO checkpoints resume with the same engine and process count"):
         ckpt.check_resume_compatible(_fake_checkpoint(tmp_path / "c", bs4, 2, 2, engine="zero3"), bs4, "fp", 1,
                                      "single", _per_epoch(16))
+
+
+def test_resume_rewrites_metrics_atomically_and_drops_a_line_cut_by_a_kill(tmp_path):
+    """A kill while a row was being appended leaves half a line: resuming drops it (and the rows after
+    the checkpoint), and writes the file whole or not at all."""
+    from orpo.train.logger import MetricsLogger
+
+    rows = [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 0.9}, {"step": 3, "loss": 0.8}]
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 4, "lo')
+    MetricsLogger(tmp_path, [], {}, resume_step=2).close()
+    assert read_metrics(tmp_path) == rows[:2] and not list(tmp_path.glob(".*.tmp"))
+    path.write_text('{"step": 1, "lo\n' + json.dumps(rows[1]) + "\n")  # a broken row before the last is not a kill's
+    with pytest.raises(ValueError):
+        MetricsLogger(tmp_path, [], {}, resume_step=2)

@@ -114,8 +114,10 @@ def test_one_bad_field_is_named_by_row_and_field_or_skipped_and_counted(fmt, fol
 
         if n > 1:
             skipped = prepare(data_config(path, on_bad_row="skip"), stories_tokenizer)
-            if isinstance(skipped, DataError):  # the n - 1 good pairs may all be identical once truncated
-                assert "no training pair left" in str(skipped), str(skipped)
+            # the n - 1 good pairs may all be identical once truncated, or, when the bad value sits in the
+            # first row, the format detected from it may fit none of the others
+            if isinstance(skipped, DataError):
+                assert "no training pair left" in str(skipped) or "rows are bad" in str(skipped), str(skipped)
                 return
             assert skipped.summary.pairs == n - 1
             assert sum(v for k, v in skipped.summary.dropped.items() if k.startswith("bad row")) == 1

@@ -11,7 +11,6 @@ from contextlib import redirect_stderr
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file, save_file
 
 from orpo.cli import EXIT_DIVERGED, main
 from orpo.config import load_config
@@ -35,10 +34,11 @@ def _raw(out, stories_dir, hh_path, **train) -> dict:
 def _trainer(out, stories_dir, hh_path, poisoned: set[int] = frozenset(), **train) -> Trainer:
     trainer = Trainer(load_config(raw=_raw(out, stories_dir, hh_path, **train)), progress=False).setup()
 
-    def hook(module, args, output):  # NaN logits on the poisoned steps: a non-finite loss
+    def hook(module, args, output):  # NaN final hidden states on the poisoned steps: a non-finite loss
         return output * float("nan") if trainer.state.step + 1 in poisoned else output
 
-    trainer.accelerator.unwrap_model(trainer.model).lm_head.register_forward_hook(hook)
+    # the final norm, not the LM head: chunked log-probs read the head's weights, never call it
+    trainer.accelerator.unwrap_model(trainer.model).model.norm.register_forward_hook(hook)
     return trainer
 
 
@@ -70,17 +70,15 @@ def test_the_named_checkpoint_is_from_before_the_streak_and_survives_rotation(tm
 
 
 def test_resuming_from_a_damaged_checkpoint_names_the_one_before_it(tmp_path, stories_dir, hh_path):
-    """The issue's run: the newest checkpoint's weights are damaged on disk, `resume: auto` loads
-    it, every step is non-finite. The message names the checkpoint before it, and says why."""
+    """The issue's run: the newest checkpoint holds non-finite weights that its manifest vouches for
+    (damage on disk is caught by the checksums, tests/test_checkpoint.py; this is state that was
+    already bad when it was saved), `resume: auto` loads it, every step is non-finite. The message
+    names the checkpoint before it, and says why."""
     _trainer(tmp_path, stories_dir, hh_path, max_steps=4).train()
-    weights = tmp_path / "checkpoints" / "step-4" / "model" / "model.safetensors"
-    tensors = load_file(str(weights))
-    name = next(iter(tensors))
-    tensors[name] = torch.full_like(tensors[name], float("nan"))
-    save_file(tensors, str(weights), metadata={"format": "pt"})
-
     resumed = _trainer(tmp_path, stories_dir, hh_path, max_steps=10, resume="auto", max_bad_steps=3)
     assert resumed.state.step == 4
+    with torch.no_grad():
+        next(resumed.accelerator.unwrap_model(resumed.model).parameters()).fill_(float("nan"))
     with pytest.raises(TrainingDiverged) as info:
         resumed.train()
     step2, step4 = (tmp_path / "checkpoints" / f"step-{n}" for n in (2, 4))

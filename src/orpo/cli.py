@@ -17,13 +17,15 @@ from collections.abc import Sequence
 EXIT_FAILED_RUNS = 1  # `orpo sweep`: some runs failed (they are in the table)
 EXIT_USAGE = 2  # bad input: configuration, data or arguments
 EXIT_DIVERGED = 3  # training stopped: train.max_bad_steps non-finite steps in a row (TrainingDiverged)
-EXIT_STOPPED = 4  # stopped before the last step when asked (a signal), after a checkpoint: resume to go on
-EXIT_SAVE_FAILED = 5  # reserved: a checkpoint or the final model could not be written (disk full, I/O)
+EXIT_STOPPED = 4  # stopped before the last step when asked (SIGTERM, SIGINT), after a checkpoint: resume to go on
+EXIT_SAVE_FAILED = 5  # a checkpoint or model folder could not be written (disk full, I/O error): SaveFailed
 
 EXIT_EPILOG = f"""\
 exit status: 0 success, {EXIT_USAGE} bad configuration or data, {EXIT_DIVERGED} training diverged (non-finite
-steps; the message names the checkpoint to resume from), {EXIT_STOPPED} stopped early by a signal after a
-checkpoint (resume with train.resume=auto), {EXIT_SAVE_FAILED} a save failed (reserved), 130 interrupted.
+steps; the message names the checkpoint to resume from), {EXIT_STOPPED} stopped by SIGTERM or SIGINT after the
+current step and a checkpoint (resume with train.resume=auto), {EXIT_SAVE_FAILED} a checkpoint or the model could
+not be written (disk full, I/O error; the message names the path and the space needed), 130 interrupted (a
+second Ctrl-C).
 """
 
 TRAIN_EPILOG = """\
@@ -56,6 +58,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from orpo.config import ConfigError
     from orpo.data import DataError
+    from orpo.train.checkpoint import SaveFailed
     from orpo.train.trainer import TrainingStopped
 
     hf_logging.disable_progress_bar()  # "Loading weights" bars; our own progress is enough
@@ -66,11 +69,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"orpo {args.command}: error{_rank_tag()}: {e}", file=sys.stderr)
         return EXIT_USAGE
     except TrainingStopped as e:
-        print(f"orpo {args.command}: {e}", file=sys.stderr)
+        _say_once(f"orpo {args.command}: {e}")
         return EXIT_STOPPED
+    except SaveFailed as e:
+        _say_once(f"orpo {args.command}: error: {e}")
+        return EXIT_SAVE_FAILED
     except KeyboardInterrupt:
         print(f"orpo {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def _say_once(message: str) -> None:
+    """A failure every process of a run reports alike (they agreed on it): printed by rank 0 only."""
+    if os.environ.get("RANK", "0") == "0":
+        print(message, file=sys.stderr)
 
 
 def _rank_tag() -> str:
@@ -187,8 +199,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     try:
         train(cfg)
     except TrainingDiverged as e:
-        if os.environ.get("RANK", "0") == "0":  # every process stops the same way: say it once
-            print(f"orpo train: error: {e}", file=sys.stderr)
+        _say_once(f"orpo train: error: {e}")
         return EXIT_DIVERGED
     return 0
 

@@ -433,6 +433,12 @@ class TrainConfig(_Section):
     eval_every: int | None = Field(None, gt=0, description="Evaluate every N steps (and at the end).")
     save_every: int | None = Field(None, gt=0, description="Checkpoint every N steps.")
     save_total_limit: int | None = Field(2, gt=0, description="Keep only the newest N checkpoints.")
+    checkpoint_on_signal: bool = Field(
+        True,
+        description="On SIGTERM or SIGINT (pre-emption, Ctrl-C) finish the current step, write a checkpoint and "
+        "exit with status 4 (resume with train.resume=auto). false: stop without one unless save_every is set. "
+        "A second Ctrl-C aborts at once.",
+    )
     resume: str = Field(
         "never",
         description="never | auto (newest complete checkpoint in output_dir) | path to a checkpoint.",

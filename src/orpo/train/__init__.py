@@ -1,6 +1,6 @@
 """The training loop on Accelerate: ``train(cfg)``, ``evaluate(...)``, ``merge_lora(...)``."""
 
-from orpo.train.checkpoint import ResumeError, list_checkpoints
+from orpo.train.checkpoint import ResumeError, SaveFailed, list_checkpoints
 from orpo.train.evaluate import evaluate, load_for_inference
 from orpo.train.logger import read_metrics
 from orpo.train.merge import merge_lora
@@ -10,7 +10,7 @@ from orpo.train.trainer import Trainer, TrainingDiverged, TrainingStopped, Train
 from orpo.train.watch import Watcher
 
 __all__ = [
-    "ORPOObjective", "ResumeError", "TrainResult", "Trainer", "TrainingDiverged", "TrainingStopped", "Watcher",
+    "ORPOObjective", "ResumeError", "SaveFailed", "TrainResult", "Trainer", "TrainingDiverged", "TrainingStopped", "Watcher",
     "ensure_pad_token", "evaluate",
     "list_checkpoints", "load_for_inference", "load_model", "load_tokenizer", "merge_lora", "read_metrics", "train",
 ]

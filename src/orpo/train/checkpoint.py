@@ -22,10 +22,15 @@ complete-looking partial one.
 
 The model and optimizer state are keyed by parameter name, not by process: a checkpoint written by N
 processes (any engine but ZeRO) loads on M processes, sharded or not (``load_checkpoint``).
+
+A save that fails with an ``OSError`` (a full disk, an I/O error) on any rank stops every rank with
+one ``SaveFailed`` (``stop_on_write_error``): the unfinished folder is removed, the previous
+checkpoint is untouched, and the message names the path, the space needed and the space free.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import hashlib
@@ -40,6 +45,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +66,10 @@ _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 class ResumeError(ConfigError):
     """Refusing to resume (or to start over) for a reason the user must decide on."""
+
+
+class SaveFailed(RuntimeError):
+    """A checkpoint or model folder could not be written (disk full, I/O error); what was there is intact."""
 
 
 @dataclass
@@ -203,6 +213,90 @@ def quiet_saving() -> Iterator[None]:
 
 
 # ---------------------------------------------------------------------------------------------
+# A save that fails
+
+
+@contextmanager
+def stop_on_write_error(what: str, path: Path, output_dir: Path, accelerator=None,
+                        needed: Callable[[], tuple[int, str]] = lambda: (0, ""),
+                        cleanup: Callable[[], None] | None = None) -> Iterator[None]:
+    """Run one phase of a save's writes; an ``OSError`` on any rank raises ``SaveFailed`` on every rank.
+
+    Every rank leaves the block and then takes part in one collective (which is also the phase's
+    barrier), so no rank waits forever in a later collective for one that failed. The block itself
+    may hold no collective but ``torch.distributed.checkpoint``'s own, which fails on every rank
+    alike. On failure the main process runs ``cleanup`` (remove the unfinished folder) and every
+    rank raises the same message: the path, the error, ``needed()`` (bytes and what the estimate is
+    of) against the free space, what is still intact and how to go on.
+    """
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    error: OSError | None = None
+    try:
+        yield
+    except OSError as e:
+        error = e
+    except CheckpointException as e:  # a DCP write that failed, on any rank: every rank gets it
+        failures = [exc for exc, _ in e.failures.values()]
+        error = next((exc for exc in failures if isinstance(exc, OSError)), None)
+        if error is None:
+            # On a really full disk torch.save inside DCP sees a short write and fails its own
+            # position check (a RuntimeError), not with ENOSPC: tell that case by the free space.
+            if shutil.disk_usage(_existing_parent(path)).free >= needed()[0]:
+                raise
+            first = str(failures[0]).strip().splitlines()[-1] if failures else ""
+            error = OSError(errno.ENOSPC, f"No space left on device ({type(failures[0]).__name__}: {first})")
+    errors = [str(error) if error is not None else None]
+    main = accelerator is None or accelerator.is_main_process
+    if accelerator is not None and accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        errors = [f"rank {rank}: {e}" for rank, e in enumerate(gather_object(errors)) if e is not None]
+    failed = [e for e in errors if e is not None]
+    if not failed:
+        return
+    if main and cleanup is not None:
+        cleanup()
+    message = f"could not write {what} ({failed[0]})"
+    if error is None or error.errno in (errno.ENOSPC, errno.EDQUOT):
+        size, basis = needed()
+        free = shutil.disk_usage(_existing_parent(path)).free
+        message += f": it needs about {_mib(size)} ({basis}) and {_mib(free)} are free on that disk"
+    elif error.errno == errno.EIO:
+        message += ": an I/O error, the disk may be failing"
+    newest = list_checkpoints(output_dir)
+    if newest:
+        message += (f"; nothing new was published at {path}, and the newest checkpoint, {newest[-1]}, is "
+                    "intact: free some space, then resume with train.resume=auto")
+    else:
+        message += (f"; nothing new was published at {path}, and there is no checkpoint to resume from "
+                    "(train.save_every keeps some): free some space and start over")
+    raise SaveFailed(message) from error
+
+
+def _existing_parent(path: Path) -> Path:
+    path = Path(path).absolute()
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:,.1f} MiB"
+
+
+def tensor_bytes(tensors: Any) -> int:
+    """Bytes of every tensor in a (nested) state dict: what saving it writes, about."""
+    if isinstance(tensors, torch.Tensor):
+        return tensors.numel() * tensors.element_size()
+    if isinstance(tensors, dict):
+        return sum(tensor_bytes(v) for v in tensors.values())
+    if isinstance(tensors, list | tuple):
+        return sum(tensor_bytes(v) for v in tensors)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
 # Integrity: the manifest
 
 
@@ -301,16 +395,16 @@ def inspect_checkpoint(folder: Path, accelerator=None, checksums: bool = True) -
     return status
 
 
-def write_manifest(folder: Path, state: TrainState, accelerator=None) -> None:
-    """Checksum every file (each process a share) and write the manifest: the checkpoint's commit point.
+def checksum_files(folder: Path, accelerator=None) -> dict[str, dict[str, Any]]:
+    """Size and sha256 of every file of a checkpoint (each process a share; every process calls it)."""
+    return dict(_spread(_relative_files(folder), lambda rel: _file_record(folder, rel), accelerator))
 
-    Every process calls this after all have written their files; only the main one writes.
-    """
-    records = dict(_spread(_relative_files(folder), lambda rel: _file_record(folder, rel), accelerator))
-    if accelerator is None or accelerator.is_main_process:
-        manifest = {"format": MANIFEST_FORMAT, "step": state.step, "num_processes": state.num_processes,
-                    "engine": state.engine, "files": records}
-        write_atomic(folder / MANIFEST, json.dumps(manifest, indent=1).encode())
+
+def write_manifest(folder: Path, state: TrainState, records: dict[str, dict[str, Any]]) -> None:
+    """The checkpoint's commit point, written by the main process after every file was checksummed."""
+    manifest = {"format": MANIFEST_FORMAT, "step": state.step, "num_processes": state.num_processes,
+                "engine": state.engine, "files": records}
+    write_atomic(folder / MANIFEST, json.dumps(manifest, indent=1).encode())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -371,32 +465,51 @@ def save_checkpoint(engine, output_dir: str | Path, model, optimizer, scheduler,
        process the scheduler, trainer state and config (all fsynced);
     3. the files are checksummed (each rank a share) and the main process writes the manifest;
     4. the main process deletes the checkpoints beyond ``keep`` and any unfinished folder.
-    A kill before the manifest's rename leaves an incomplete folder that resume skips.
+    A kill before the manifest's rename leaves an incomplete folder that resume skips. A write
+    that fails (a full disk) removes the folder and raises ``SaveFailed`` on every rank.
     """
     acc = engine.accelerator
+    output_dir = Path(output_dir)
     folder = checkpoint_root(output_dir) / f"step-{state.step}"
-    if acc.is_main_process and folder.exists():
-        remove_checkpoint(folder)
-    acc.wait_for_everyone()
-    folder.mkdir(parents=True, exist_ok=True)
-    if engine.deepspeed:
-        model.save_checkpoint(str(folder / DEEPSPEED_DIR), tag=STATE_DIR)
-    else:
-        import torch.distributed.checkpoint as dcp
+    failing = partial(stop_on_write_error, f"checkpoint {folder}", folder, output_dir, acc,
+                      partial(_checkpoint_bytes, output_dir, engine, model), partial(remove_checkpoint, folder))
+    with failing():
+        if acc.is_main_process:
+            if folder.exists():
+                remove_checkpoint(folder)
+            folder.mkdir(parents=True)
+    with failing():
+        if engine.deepspeed:
+            model.save_checkpoint(str(folder / DEEPSPEED_DIR), tag=STATE_DIR)
+        else:
+            import torch.distributed.checkpoint as dcp
 
-        with _single_process_ok():
-            dcp.save(_dcp_state(engine, model), checkpoint_id=folder / STATE_DIR)
-    write_atomic(folder / f"rng_state_{acc.process_index}.pt", _torch_bytes(rng_state()))
-    if acc.is_main_process:
-        write_atomic(folder / "scheduler.pt", _torch_bytes(scheduler.state_dict()))
-        write_atomic(folder / "config.yaml", dump_config(cfg).encode())
-        write_atomic(folder / STATE_FILE, state.to_json().encode())
-    acc.wait_for_everyone()
-    write_manifest(folder, state, acc)
+            with _single_process_ok():
+                dcp.save(_dcp_state(engine, model), checkpoint_id=folder / STATE_DIR)
+        write_atomic(folder / f"rng_state_{acc.process_index}.pt", _torch_bytes(rng_state()))
+        if acc.is_main_process:
+            write_atomic(folder / "scheduler.pt", _torch_bytes(scheduler.state_dict()))
+            write_atomic(folder / "config.yaml", dump_config(cfg).encode())
+            write_atomic(folder / STATE_FILE, state.to_json().encode())
+    records = checksum_files(folder, acc)
+    with failing():
+        if acc.is_main_process:
+            write_manifest(folder, state, records)
     if acc.is_main_process:
         rotate_checkpoints(output_dir, keep)
     acc.wait_for_everyone()
     return folder
+
+
+def _checkpoint_bytes(output_dir: Path, engine, model) -> tuple[int, str]:
+    """The size of the newest finished checkpoint, else an estimate from the model and AdamW state."""
+    newest = list_checkpoints(output_dir)
+    if newest:
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            files = json.loads((newest[-1] / MANIFEST).read_text())["files"]
+            return sum(e["size"] for e in files.values()), f"the size of {newest[-1].name}"
+    params = [p for p in engine.unwrap(model).parameters() if p.requires_grad]
+    return 3 * tensor_bytes(params), "trainable weights and two AdamW moments"
 
 
 def _dcp_state(engine, model) -> dict[str, Any]:
@@ -508,6 +621,19 @@ RESUME_KEYS = (
 
 def read_state(ckpt: Path) -> TrainState:
     return TrainState.from_json((ckpt / STATE_FILE).read_text())
+
+
+def read_weights(ckpt: Path) -> dict[str, torch.Tensor]:
+    """A checkpoint's model tensors, whatever number of processes wrote them, as one plain state dict
+    keyed by parameter name; trainable parameters only (a LoRA checkpoint holds the adapter). For
+    looking inside a checkpoint; training resumes through ``load_checkpoint``."""
+    import tempfile
+
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    with tempfile.TemporaryDirectory() as tmp, _single_process_ok():
+        dcp_to_torch_save(Path(ckpt) / STATE_DIR, Path(tmp) / "state.pt")
+        return torch.load(Path(tmp) / "state.pt", weights_only=False)["model"]
 
 
 def check_resume_compatible(ckpt: Path, cfg: Config, fingerprint: str, num_processes: int, engine: str,

@@ -23,6 +23,7 @@ from rich.progress import (
 )
 
 from orpo.config import ConfigError
+from orpo.train.checkpoint import write_atomic
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -53,8 +54,7 @@ class MetricsLogger:
         self.path = Path(output_dir) / METRICS_FILE
         self.path.parent.mkdir(parents=True, exist_ok=True)
         kept = _rows_up_to(self.path, resume_step) if resume_step is not None else []
-        with self.path.open("w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in kept)
+        write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept).encode())
         self._tb = None
         self._wandb = None
         if "tensorboard" in report_to:
@@ -102,9 +102,18 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 
 
 def _rows_up_to(path: Path, step: int) -> list[dict[str, Any]]:
+    """Rows up to ``step``; a last line cut short (the run was killed while appending it) is dropped."""
     if not path.exists():
         return []
-    return [r for r in read_metrics(path) if r.get("step", 0) <= step]
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for i, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            if i < len(lines) - 1:
+                raise
+    return [r for r in rows if r.get("step", 0) <= step]
 
 
 class ProgressBar:

@@ -481,6 +481,7 @@ class Trainer:
                                   self.state.train_seconds - seconds_at_start, final_dir, row)
             self._notify("on_end", result)
         finally:
+            self._notify("on_close")
             if self.logger is not None:
                 self.logger.close()
         self._print(result.render())
@@ -689,26 +690,32 @@ class Trainer:
 
     def save_model(self, folder: Path, eval_row: dict[str, Any] | None = None) -> Path:
         """A standard HF folder (or LoRA adapter) + tokenizer with its chat template + model card
-        (README.md, with ``eval_row``'s numbers), written atomically. Every rank calls it."""
+        (README.md, with ``eval_row``'s numbers), written atomically. Every rank calls it; a write that
+        fails (a full disk) leaves ``folder`` as it was and raises ``SaveFailed`` on every rank."""
         from orpo.train.card import model_card
 
         self.accelerator.wait_for_everyone()
         state_dict = full_state_dict(self.engine, self.model)  # every rank takes part when sharded
-        if self.is_main:
-            model = self.engine.unwrap(self.model)
-            template = getattr(self.data, "template", None)
-            if template is not None and getattr(template, "jinja", None):
-                self.tokenizer.chat_template = template.jinja
-            with ckpt.atomic_dir(folder) as tmp, ckpt.quiet_saving():
-                if is_peft_model(model) and self.cfg.model.init is not None:
-                    _save_lora_with_fresh_base(model, tmp, folder)
-                else:
-                    model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
-                self.tokenizer.save_pretrained(tmp)
-                (tmp / "README.md").write_text(model_card(
-                    self.cfg, step=self.state.step, eval_row=eval_row, summary=getattr(self.data, "summary", None),
-                    warnings=self.state.warnings, adapter=is_peft_model(model)))
-        self.accelerator.wait_for_everyone()
+
+        def needed() -> tuple[int, str]:
+            weights = state_dict if state_dict is not None else self.engine.unwrap(self.model).state_dict()
+            return ckpt.tensor_bytes(weights), "its weights"
+
+        with ckpt.stop_on_write_error(f"the model {folder}", folder, self.output_dir, self.accelerator, needed):
+            if self.is_main:
+                model = self.engine.unwrap(self.model)
+                template = getattr(self.data, "template", None)
+                if template is not None and getattr(template, "jinja", None):
+                    self.tokenizer.chat_template = template.jinja
+                with ckpt.atomic_dir(folder) as tmp, ckpt.quiet_saving():
+                    if is_peft_model(model) and self.cfg.model.init is not None:
+                        _save_lora_with_fresh_base(model, tmp, folder)
+                    else:
+                        model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
+                    self.tokenizer.save_pretrained(tmp)
+                    (tmp / "README.md").write_text(model_card(
+                        self.cfg, step=self.state.step, eval_row=eval_row, summary=getattr(self.data, "summary", None),
+                        warnings=self.state.warnings, adapter=is_peft_model(model)))
         return folder
 
     def _result(self, elapsed: float, tokens: int, step_seconds: float, final_dir: Path | None,

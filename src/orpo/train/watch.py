@@ -1,4 +1,4 @@
-"""What watches a run plugs into the loop here: one small interface, five moments.
+"""What watches a run plugs into the loop here: one small interface, a few fixed moments.
 
 The recipe (``Trainer.train``) stays a plain loop; health warnings, eval generations, the best
 checkpoint, signal handling and the like are ``Watcher`` objects the trainer calls at fixed
@@ -42,6 +42,9 @@ class Watcher:
     def on_end(self, trainer: Trainer, result: TrainResult) -> None:
         """After the final save, before the summary is printed (a watcher may add ``result.notes``)."""
 
+    def on_close(self, trainer: Trainer) -> None:
+        """Last, however the run ends (finished, stopped, failed): give back what ``on_start`` took."""
+
 
 @dataclass
 class StepCallback(Watcher):
@@ -62,4 +65,7 @@ def build_watchers(cfg: Config) -> list[Watcher]:
         from orpo.train.samples import EvalSamples
 
         watchers.append(EvalSamples(cfg.train.eval_generate, cfg.train.eval_generate_max_tokens))
+    from orpo.train.signals import StopOnSignal
+
+    watchers.append(StopOnSignal(cfg.train.checkpoint_on_signal))  # SIGTERM / SIGINT: stop after this step
     return watchers
