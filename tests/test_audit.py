@@ -120,6 +120,9 @@ def test_eval_prompt_overlap_names_eval_lines(planted, tmp_path, capsys):
     out = _audit_json(capsys, str(planted), "--eval", str(evalset))
     assert out["eval_prompt_overlap"] == {"count": 2, "examples": [2, 3]}
     assert out["rows"] == 14  # the eval file is not part of the audited rows
+    assert main(["audit", str(planted), "--eval", str(evalset)]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if "eval prompts also in train" in x)
+    assert "66.7%" in line  # 2 of the 3 eval pairs, not of the 12 training pairs
 
 
 def test_text_report_fits_a_screen_and_names_what_it_found(planted, capsys):
@@ -127,14 +130,27 @@ def test_text_report_fits_a_screen_and_names_what_it_found(planted, capsys):
     assert main(["audit", str(planted), "--chat-template", "chatml"]) == 0
     text = capsys.readouterr().out
     assert len(text.splitlines()) <= 30 and max(len(line) for line in text.splitlines()) <= 110
-    assert "duplicate pairs" in text and "3, 5" in text and "found: duplicate pairs" in text
+    assert "duplicate pairs" in text and "3, 5" in text and "found: dropped rows, duplicate pairs" in text
+
+
+def test_a_malformed_line_is_a_counted_bad_row(tmp_path, capsys):
+    """A JSON Lines file cut short is bad rows like any other: counted and named, never fatal here."""
+    broken = _write_jsonl(tmp_path / "broken.jsonl", [_row("a", "b", "c"), _row("d", "e", "f")])
+    broken.write_text(broken.read_text() + '{"prompt": \n')
+    out = _audit_json(capsys, str(broken))
+    assert out["rows"] == 3 and out["pairs"] == 2 and out["dropped"] == {"bad row: malformed JSON": 1}
+    capsys.readouterr()
+    assert main(["audit", str(broken)]) == 0
+    text = " ".join(capsys.readouterr().out.replace("│", " ").split())  # the table wraps long paths
+    assert "broken.jsonl line 3: malformed JSON" in text and "found: dropped rows" in text
 
 
 def test_bad_input_exits_2_with_one_message(tmp_path, capsys):
-    broken = tmp_path / "broken.jsonl"
-    broken.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": \n')
+    broken = tmp_path / "broken.json"
+    broken.write_text('[{"prompt": "a", "chosen": "b", "rejected": "c"}, {"prompt": ')
     cases = [
         ([str(tmp_path / "missing.jsonl")], "missing.jsonl: no such file"),
+        ([str(broken)], "broken.json: malformed JSON"),  # a whole .json file that does not parse
         ([str(QS / "train.jsonl"), "--max-length", "64"], "--max-length counts tokens: give --model"),
         ([str(QS / "train.jsonl"), "--chat-template", "nosuch"], "unknown chat template 'nosuch'"),
         ([str(QS / "train.jsonl"), "--model", str(tmp_path / "nomodel")], "--model"),
@@ -145,10 +161,6 @@ def test_bad_input_exits_2_with_one_message(tmp_path, capsys):
         assert main(["audit", *args, "--json"]) == 2, args
         out = capsys.readouterr()
         assert out.out == "" and message in out.err and "Traceback" not in out.err, (args, out.err)
-    # a row that cannot be read is a finding, counted as training counts it, not a reason to stop
-    capsys.readouterr()
-    assert main(["audit", str(broken), "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["dropped"] == {"bad row: malformed JSON": 1}
 
 
 def test_columns_flag_maps_any_three_columns(tmp_path, capsys):
@@ -190,7 +202,43 @@ def test_model_accuracy_matches_orpo_eval(scored, stories_dir, capsys, one_threa
     audit = _audit_json(capsys, str(scored), "--model", str(stories_dir), "--max-length", "64")
     capsys.readouterr()
     assert main(["eval", "--model", str(stories_dir), "--data", str(scored), "--max-length", "64", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)[0]["accuracy"] == pytest.approx(audit["accuracy"])
+    (evaluated,) = json.loads(capsys.readouterr().out)
+    assert evaluated["accuracy"] == pytest.approx(audit["accuracy"])
+
+
+@pytest.mark.parametrize("kind", ["list", "dataframe", "dataset", "named index"])
+def test_rows_in_memory_are_audited_by_index(kind):
+    """The planted faults given as rows in memory: the same counts, examples named by index (0-based)."""
+    import datasets
+    import pandas as pd
+
+    from orpo.data.audit import audit
+
+    rows = [r for r in _planted() if r is not None]  # line n of the file is index n - 1 here, n - 2 past line 4
+    data = {"list": rows, "dataframe": pd.DataFrame(rows), "dataset": datasets.Dataset.from_list(rows),
+            "named index": pd.DataFrame(rows, index=[f"id{i}" for i in range(len(rows))])}[kind]
+    out = audit(data, chat_template="chatml").to_json()
+    assert out["row_numbers"] == "index" and out["rows"] == 14 and out["pairs"] == 12
+    name = (lambda i: f"id{i}") if kind == "named index" else (lambda i: i)  # noqa: E731
+    expected = {"duplicates": [2, 3], "identical_pairs": [4, 5], "conflicting_pairs": [6, 7],
+                "near_identical_pairs": [8], "empty_responses": [10], "template_leaks": [11, 12], "control_chars": [13]}
+    for key, indices in expected.items():
+        assert out[key] == {"count": len(indices), "examples": [name(i) for i in indices]}, key
+
+
+def test_a_loaded_model_and_tokenizer_score_rows_in_memory(scored, stories_dir, one_thread):
+    """The notebook path: model and tokenizer objects (stories260K's tokenizer has no pad token)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from orpo.data.audit import audit
+
+    rows = [json.loads(line) for line in scored.read_text().splitlines()]
+    tokenizer = AutoTokenizer.from_pretrained(str(stories_dir))
+    assert tokenizer.pad_token is None
+    model = AutoModelForCausalLM.from_pretrained(str(stories_dir))
+    report = audit(rows, model=model, tokenizer=tokenizer, chat_template="none", max_length=64)
+    assert report.accuracy == pytest.approx(4 / 6)
+    assert sorted(c["row"] for c in report.label_noise_candidates or []) == [2, 4]  # the swapped rows' indices
 
 
 def test_truncation_share_and_drops_are_exact(tmp_path, stories_tokenizer, capsys):

@@ -42,15 +42,25 @@ def _cfg(out, model=None, **train):
 
 
 class BestWrites(Watcher):
-    """After each eval: the best record and the identity (inode) of best/'s weights file, i.e. which write it is."""
+    """After each eval: the best record, the identity (inode) of best/'s weights file (i.e. which write it
+    is), and a copy of the weights the model has at that step (the adapter's, for LoRA) as they are saved."""
 
     def __init__(self):
         self.seen: list[tuple[int, dict | None, int | None]] = []
+        self.weights: dict[int, dict[str, torch.Tensor]] = {}
 
     def on_eval(self, trainer, row):
         weights = next((trainer.output_dir / "best").glob("*.safetensors"), None)
         best = trainer.state.watchers.get("best")
         self.seen.append((row["step"], dict(best) if best else None, os.stat(weights).st_ino if weights else None))
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        if hasattr(model, "peft_config"):
+            from peft import get_peft_model_state_dict
+
+            state = get_peft_model_state_dict(model)
+        else:
+            state = model.state_dict()
+        self.weights[row["step"]] = {k: v.detach().clone() for k, v in state.items()}
 
 
 class StopAfter(Watcher):
@@ -89,21 +99,23 @@ def best_run(tmp_path_factory):
     writes = BestWrites()
     trainer, result = _train(_cfg(tmp_path_factory.mktemp("best") / "run"), writes)
     evals = [r for r in read_metrics(trainer.output_dir) if "eval_loss" in r]
-    return trainer, result, evals, writes.seen
+    return trainer, result, evals, writes.seen, writes.weights
 
 
 def test_best_holds_the_weights_of_the_best_step(best_run):
-    trainer, result, evals, _ = best_run
+    trainer, result, evals, _, weights = best_run
     losses = [r["eval_loss"] for r in evals]
     step = evals[losses.index(min(losses))]["step"]
     assert 0 < step < 8  # the test means something: the best is neither the start nor the end
     assert trainer.state.watchers["best"] == {"metric": "eval_loss", "value": min(losses), "step": step}
     best = trainer.output_dir / "best"
+    assert _same(_tensors(best), weights[step])  # the live weights at that eval ...
     at_step = read_weights(trainer.output_dir / "checkpoints" / f"step-{step}")
-    assert _holds(_tensors(best), at_step)
+    assert _holds(_tensors(best), at_step)  # ... and the checkpoint of that step
     assert not _same(_tensors(best), _tensors(trainer.output_dir / "final"))
+    assert _same(_tensors(trainer.output_dir / "final"), weights[8])
     reloaded = AutoModelForCausalLM.from_pretrained(str(best))  # a standard HF folder, tokenizer included
-    assert _holds(reloaded.state_dict(), at_step)
+    assert _same(reloaded.state_dict(), weights[step]) and _holds(reloaded.state_dict(), at_step)
     assert (best / "tokenizer.json").is_file() and (best / "chat_template.jinja").is_file()
     assert f"at step {step}" in (best / "README.md").read_text()
     assert any(n.startswith("best model") and f"at step {step}" in n for n in result.notes)
@@ -111,7 +123,7 @@ def test_best_holds_the_weights_of_the_best_step(best_run):
 
 
 def test_best_is_written_only_when_it_improves(best_run):
-    _, _, evals, seen = best_run
+    _, _, evals, seen, _ = best_run
     running, improved = float("inf"), []
     for r in evals:
         if r["eval_loss"] < running:
@@ -141,7 +153,7 @@ def test_a_maximized_metric_keeps_the_first_of_equal_values(tmp_path):
 
 
 def test_best_survives_a_resume(best_run, tmp_path):
-    ref, _, _, _ = best_run
+    ref, _, _, _, _ = best_run
     out = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
         _train(_cfg(out), StopAfter(6))
@@ -159,11 +171,14 @@ def test_a_lora_best_is_an_adapter_that_loads(tmp_path):
     from orpo.train import load_for_inference
 
     model = {"init": TINY, "tokenizer": str(QS / "tokenizer"), "lora": {"r": 4, "alpha": 8, "dropout": 0.0}}
-    trainer, _ = _train(_cfg(tmp_path / "lora", model=model, max_steps=4, learning_rate=0.02))
+    writes = BestWrites()
+    trainer, _ = _train(_cfg(tmp_path / "lora", model=model, max_steps=4, learning_rate=0.02), writes)
     step = trainer.state.watchers["best"]["step"]
     best = trainer.output_dir / "best"
     assert (best / "adapter_config.json").is_file() and not (best / "model.safetensors").exists()
     adapter = load_file(str(best / "adapter_model.safetensors"))
+    assert _same(adapter, writes.weights[step])
+    assert step > 0 and not _same(adapter, writes.weights[0])  # the adapter trained (B starts at zero)
     saved = read_weights(trainer.output_dir / "checkpoints" / f"step-{step}")
     assert _holds(adapter, saved) and len(adapter) == len(saved)
     # a fresh (model.init) base is saved with the adapter, and the adapter points at it
@@ -203,7 +218,7 @@ def test_overwrite_removes_an_old_best(best_run, tmp_path):
 
 
 def test_final_model_card_holds_metadata_numbers_and_config(best_run):
-    trainer, _, evals, _ = best_run
+    trainer, _, evals, _, _ = best_run
     text = (trainer.output_dir / "final" / "README.md").read_text()
     meta = front_matter(text)
     assert meta["tags"][:2] == ["orpo", "preference-optimization"] and meta["library_name"] == "transformers"
@@ -234,6 +249,9 @@ def test_card_metadata_for_hub_names_adapters_and_a_local_license(tmp_path):
     assert meta["base_model"] == "Qwen/Qwen2.5-0.5B" and meta["library_name"] == "peft"
     assert meta["datasets"] == ["argilla/ultrafeedback-binarized-preferences-cleaned", "org/held-out"]
     assert "lora" in meta["tags"] and "| accuracy | 0.7500 |" in card and "- `instruct_start`: looks instruct" in card
+    assert "with ORPO (odds ratio preference optimization, λ = 0.1)" in card
+    cfg.orpo.objective = "dpo"
+    assert "with the `dpo` objective" in model_card(cfg, step=30, eval_row=row, summary=None, warnings={}, adapter=True)
     assert hub_id("elsewhere/train.jsonl") is None and hub_id("../shared/data") is None  # files, not hub ids
 
     local = tmp_path / "my-base"
@@ -246,7 +264,7 @@ def test_card_metadata_for_hub_names_adapters_and_a_local_license(tmp_path):
 
 
 def test_card_includes_the_data_checks_when_the_summary_has_them(best_run):
-    trainer, _, _, _ = best_run
+    trainer, _, _, _, _ = best_run
     summary = trainer.data.summary
     summary.checks = {"duplicates": {"count": 2, "examples": [3, 9]}}
     card = model_card(trainer.cfg, step=8, eval_row=None, summary=summary, warnings={}, adapter=False)

@@ -17,6 +17,7 @@ from statistics import median
 
 import pytest
 import torch
+import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from orpo.cli import main
@@ -90,6 +91,24 @@ def _evals(trainer) -> list[dict]:
     return [r for r in read_metrics(trainer.output_dir) if "eval_loss" in r]
 
 
+def _judge(source: Trainer, code: str, out: Path, **health) -> int | None:
+    """Replay ``source``'s eval rows through the ``code`` watcher of a trainer built from the same config
+    with other train.health values; the step at which it warns (None: never)."""
+    cfg = source.cfg.model_copy(deep=True)
+    cfg.train.health = cfg.train.health.model_copy(update=health)
+    cfg.train.output_dir = str(out)
+    trainer = Trainer(cfg, progress=False)
+    trainer.state, trainer.total_steps, trainer.logger, trainer.is_main = TrainState(), source.total_steps, None, True
+    (watcher,) = [w for w in trainer.watchers if getattr(w, "code", None) == code]
+    watcher.on_start(trainer)
+    for row in _evals(source):
+        trainer.state.step = row["step"]
+        watcher.on_eval(trainer, row)
+        if code in trainer.state.warnings:
+            return row["step"]
+    return None
+
+
 # ---------------------------------------------------------------------------------------------
 # lambda_too_high and rejected_rising: the two ends of λ
 
@@ -124,40 +143,72 @@ def test_rejected_rising_is_raised_by_lambda_zero(zero_lambda):
     assert "rejected_rising" in warned and "lambda_too_high" not in warned
     step = warned["rejected_rising"]["step"]
     evals = {r["step"]: r for r in _evals(trainer)}
-    before, now = evals[step - 10], evals[step]
+    before, now = evals[step - 20], evals[step]  # the window: three evals, ten steps apart
     rose_c = now["eval_logps_chosen"] - before["eval_logps_chosen"]
     rose_r = now["eval_logps_rejected"] - before["eval_logps_rejected"]
     assert rose_c >= 0.05 and rose_r >= max(0.05, 0.5 * rose_c)
-    assert step - 10 > 0  # never judged on a window starting at the step-0 eval
+    assert step - 20 > 0  # never judged on a window starting at the step-0 eval
+    assert f"between steps {step - 20} and {step}" in warned["rejected_rising"]["message"]
 
 
-def test_curve_thresholds_come_from_train_health(tmp_path, stories_dir, hh_path, huge_lambda, zero_lambda):
+@pytest.fixture(scope="module")
+def quickstart_start(tmp_path_factory) -> Path:
+    """The quickstart model after 100 steps: past learning the data's language (both log-probs rose),
+    far from done (eval accuracy 0.65): a pretrained start on which every check is judged."""
+    out = tmp_path_factory.mktemp("health") / "qs100"
+    raw = yaml.safe_load((REPO / "examples" / "quickstart.yaml").read_text())
+    raw["model"]["tokenizer"] = str(QS / "tokenizer")
+    raw["data"].update(train=str(QS / "train.jsonl"), eval=str(QS / "eval.jsonl"))
+    raw["train"].update(output_dir=str(out), max_steps=100, save_every=None, eval_every=None)
+    Trainer(load_config(raw=raw), progress=False).setup().train()
+    return out / "final"
+
+
+def test_a_healthy_run_from_a_pretrained_start_raises_nothing(quickstart_start, tmp_path):
+    """ORPO at λ = 1 from the 100-step quickstart model: chosen rises, rejected does not, accuracy climbs.
+    Every check is judged here (a pretrained start, 200 eval pairs, a norm logged at every step), and
+    none may warn. Its rejected log-probs do tick up between some evals (steps 40 -> 50: +0.10 while chosen
+    rose +0.08), which a two-eval, quarter-of-training window took for the SFT-like regime."""
+    cfg = load_config(raw={
+        "model": {"name_or_path": str(quickstart_start), "dtype": "float32"},
+        "data": {"train": str(QS / "train.jsonl"), "eval": str(QS / "eval.jsonl"), "max_length": 64},
+        "orpo": {"beta": 1.0},
+        "train": {"output_dir": str(tmp_path / "healthy"), "max_steps": 60, "batch_size": 32, "learning_rate": 2e-3,
+                  "lr_scheduler": "constant", "eval_every": 10, "log_every": 1},
+    })
+    trainer, warned = _run(cfg)
+    assert warned == {}
+    assert {type(w) for w in trainer.watchers} >= {InstructStart, LambdaTooHigh, RejectedRising, NoSeparation,
+                                                  GradSpikes}
+    evals = _evals(trainer)
+    first, last = evals[0], evals[-1]
+    rose_c = last["eval_logps_chosen"] - first["eval_logps_chosen"]
+    rose_r = last["eval_logps_rejected"] - first["eval_logps_rejected"]
+    assert rose_c > 0.2 and rose_r < 0.5 * rose_c  # the NLL term works, and rejected does not follow
+    assert last["eval_accuracy"] > first["eval_accuracy"] + 0.03
+    # the checks were live: the old window (two evals, 0.25 of training) warns on these very rows
+    assert _judge(trainer, "rejected_rising", tmp_path / "old", rejected_window=0.25, rejected_evals=2) == 50
+
+
+def test_curve_thresholds_come_from_train_health(tmp_path, huge_lambda, zero_lambda):
     """The same eval rows, judged by watchers built from other train.health values, on a real trainer."""
-
-    def judge(source, code, **health) -> int | None:
-        """The step at which ``code`` is raised (None: never)."""
-        trainer = Trainer(_hh(tmp_path / code, stories_dir, hh_path, beta=source.cfg.orpo.beta,
-                              max_steps=source.total_steps, health=health), progress=False)
-        trainer.state, trainer.total_steps, trainer.logger, trainer.is_main = TrainState(), source.total_steps, None, True
-        (watcher,) = [w for w in trainer.watchers if getattr(w, "code", None) == code]
-        watcher.on_start(trainer)
-        for row in _evals(source):
-            trainer.state.step = row["step"]
-            watcher.on_eval(trainer, row)
-            if code in trainer.state.warnings:
-                return row["step"]
-        return None
-
     big, zero = huge_lambda[0], zero_lambda[0]
+
+    def judge(source, code, **health):
+        return _judge(source, code, tmp_path / code, **health)
+
     assert judge(big, "lambda_too_high") == huge_lambda[1]["lambda_too_high"]["step"] == 10
     assert judge(big, "lambda_too_high", nll_rise=0.5) is None
     assert judge(big, "lambda_too_high", min_change=0.5) is None
-    assert judge(zero, "rejected_rising") == zero_lambda[1]["rejected_rising"]["step"] == 20
-    assert judge(zero, "rejected_rising", rejected_start=1.0) == 30
+    # evals at 10, 20, 30 (step 0 never counts): the default window (0.5 x 30 steps, at least 3 evals)
+    # is first complete at step 30 and spans 10 -> 30
+    assert judge(zero, "rejected_rising") == zero_lambda[1]["rejected_rising"]["step"] == 30
+    assert judge(zero, "rejected_rising", rejected_evals=2) == 20  # 10 -> 20 is enough then
     assert judge(zero, "rejected_rising", rejected_rise=1.5) is None
-    # at step 30 the default window is 20 -> 30 (chosen +0.09); the whole run's is 10 -> 30 (+0.33)
-    assert judge(zero, "rejected_rising", rejected_start=1.0, min_change=0.1) is None
-    assert judge(zero, "rejected_rising", rejected_start=1.0, min_change=0.1, window=1.0) == 30
+    assert judge(zero, "rejected_rising", rejected_start=1.0, rejected_evals=2) == 30
+    # at step 30 the two-eval window is 20 -> 30 (chosen +0.09); the three-eval one 10 -> 30 (+0.33)
+    assert judge(zero, "rejected_rising", rejected_evals=2, rejected_start=1.0, min_change=0.1) is None
+    assert judge(zero, "rejected_rising", rejected_start=1.0, min_change=0.1) == 30
 
 
 def test_health_section_builds_the_watchers_it_names(tmp_path, stories_dir, hh_path):

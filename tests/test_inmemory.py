@@ -211,7 +211,7 @@ def test_eval_every_without_any_eval_data_fails_at_setup(stories, tmp_path):
 # ------------------------------------------------------------------------------ the README example
 
 
-def test_readme_notebook_example_runs(shared_dir, tmp_path, monkeypatch, one_thread):
+def test_readme_notebook_example_runs(shared_dir, tmp_path, monkeypatch, capsys, one_thread):
     """The README's notebook example, run as written (outputs redirected to a temporary folder)."""
     readme = (REPO / "README.md").read_text()
     section = readme.split("## In a notebook", 1)[1]
@@ -224,6 +224,8 @@ def test_readme_notebook_example_runs(shared_dir, tmp_path, monkeypatch, one_thr
     exec(compile(code, "README.md (notebook example)", "exec"), namespace)
     assert (tmp_path / "notebook" / "final" / "model.safetensors").is_file()
     assert namespace["result"].steps > 0
+    out = capsys.readouterr().out
+    assert "rows / pairs" in out and "32 rows read, 32 valid pairs" in out and "model accuracy" in out  # the audit
 
 
 def test_cli_without_data_train_exits_2(tmp_path, capsys):

@@ -350,7 +350,8 @@ class HealthConfig(_Section):
     window: float = Field(
         0.25, gt=0, le=1,
         description="lambda_too_high / rejected_rising compare the evals of the last window x total steps "
-        "(at least the last two evals): the change from the first to the last.",
+        "(at least the last two evals; rejected_rising: rejected_window, rejected_evals): the change from the first "
+        "to the last.",
     )
     min_change: float = Field(
         0.05, ge=0,
@@ -370,6 +371,14 @@ class HealthConfig(_Section):
         0.5, ge=0,
         description="rejected_rising: the rejected log-probs rising by at least this share of the chosen "
         "ones' rise (and by min_change) across the window.",
+    )
+    rejected_window: float = Field(
+        0.5, gt=0, le=1,
+        description="rejected_rising: its window, as window is for lambda_too_high; longer, because in a healthy "
+        "run the rejected log-probs can tick up over a short span and fall over the next.",
+    )
+    rejected_evals: int = Field(
+        3, ge=2, description="rejected_rising: its window spans at least this many evals (two intervals).",
     )
     separation_after: float = Field(
         0.5, ge=0, le=1, description="no_separation: judged at evals from this share of training on."

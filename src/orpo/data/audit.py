@@ -61,6 +61,7 @@ class AuditReport:
     accuracy: float | None = None
     label_noise_candidates: list[dict[str, Any]] | None = None  # [{row, log_odds_ratio}], most negative first
     first_errors: list[str] = field(default_factory=list)
+    eval_pairs: int | None = None  # with --eval: its valid pairs (the eval overlap's share is of these)
 
     def to_json(self) -> dict[str, Any]:
         values = {**self.checks, "source": self.source, "format": self.format, "template": self.template,
@@ -88,7 +89,7 @@ class AuditReport:
             head.add_row("model accuracy", f"{self.accuracy:.3f}  (share of pairs whose chosen response is the more "
                          "likely one, before training)")
         checks = render_checks(self.checks, self.pairs, only_found=False,
-                               title=f"Checks (examples: {self.row_numbers} numbers)")
+                               title=f"Checks (examples: {self.row_numbers} numbers)", eval_pairs=self.eval_pairs)
         out = io.StringIO()
         console = Console(file=out, width=width, color_system=None, force_terminal=False)
         console.print(head)
@@ -104,6 +105,8 @@ class AuditReport:
             console.print(noise)
         found = [CHECK_LABELS[k] for k in (*TEXT_FINDINGS, "dropped_by_truncation", "eval_prompt_overlap")
                  if (self.checks.get(k) or {}).get("count")]
+        if sum(self.dropped.values()):
+            found.insert(0, "dropped rows")
         console.print("found: " + ", ".join(found) if found else "found: no faults")
         return out.getvalue().rstrip()
 
@@ -126,6 +129,10 @@ def audit(data: Any, *, format: str = "auto", columns: dict[str, str] | None = N
         model, tokenizer = _load_model(model)
     elif model is not None and tokenizer is None:
         raise ConfigError("audit: a model object needs its tokenizer (tokenizer=...)")
+    elif model is not None:
+        from orpo.train.model import ensure_pad_token
+
+        ensure_pad_token(tokenizer)  # as training does to a loaded tokenizer: scoring pads batches
     limits = {"max_length": max_length, "max_prompt_length": max_prompt_length,
               "min_response_tokens": min_response_tokens}
     limits = {k: v for k, v in limits.items() if v is not None}
@@ -160,7 +167,7 @@ def audit(data: Any, *, format: str = "auto", columns: dict[str, str] | None = N
         row_numbers=read.sources[0].numbering, max_length=cfg.max_length if tokenizer is not None else None,
         rows=read.norms[0].rows_read, pairs=len(read.train), dropped=dropped,
         checks=run_checks(read, read.train, markers, read.number, stats, train_sources=1),
-        first_errors=read.norms[0].first_errors,
+        first_errors=read.norms[0].first_errors, eval_pairs=len(read.eval) if read.eval is not None else None,
     )
     if model is not None and encoded is not None:
         _score(report, model, tokenizer, encoded, [read.number(r) for r in read.train.refs], batch_size)

@@ -151,7 +151,7 @@ class DataSummary:
                 mix.add_row(c["name"], c["format"], *(str(c[k]) for k in ("rows_read", "pairs", "mixed", "kept")))
             console.print(mix)
         console.print(lengths)
-        checks = render_checks(self.checks, self.pairs)
+        checks = render_checks(self.checks, self.pairs, eval_pairs=self.eval_size)
         if checks is not None:
             console.print(checks)
         return out.getvalue().rstrip()
@@ -533,8 +533,12 @@ CHECK_LABELS = {
 }
 
 
-def render_checks(checks: dict[str, Any], pairs: int, only_found: bool = True, title: str = "Data checks"):
-    """The checks as a rich table: each finding with its count, share and example rows; None if empty."""
+def render_checks(checks: dict[str, Any], pairs: int, only_found: bool = True, title: str = "Data checks",
+                  eval_pairs: int | None = None):
+    """The checks as a rich table: each finding with its count, share and example rows; None if empty.
+
+    Shares are of ``pairs``; the eval overlap's is of ``eval_pairs`` (the rows it counts are eval rows).
+    """
     from rich.table import Table
 
     table = Table(title=title, title_justify="left")
@@ -546,7 +550,8 @@ def render_checks(checks: dict[str, Any], pairs: int, only_found: bool = True, t
         found = checks.get(key)
         if found is None or (only_found and not found["count"]):
             continue
-        table.add_row(label, str(found["count"]), f"{found['count'] / max(pairs, 1):.1%}",
+        of = eval_pairs if key == "eval_prompt_overlap" and eval_pairs else pairs
+        table.add_row(label, str(found["count"]), f"{found['count'] / max(of, 1):.1%}",
                       ", ".join(str(x) for x in found["examples"]))
     if "chosen_longer_share" in checks:
         unit = checks["length_unit"]

@@ -76,6 +76,12 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def _objective(cfg: Config) -> str:
+    if cfg.orpo.objective == "orpo":
+        return f"ORPO (odds ratio preference optimization, λ = {cfg.orpo.beta:g})"
+    return f"the `{cfg.orpo.objective}` objective (`orpo.objective`)"
+
+
 def model_card(cfg: Config, *, step: int, eval_row: dict[str, Any] | None, summary: Any, warnings: dict[str, str],
                adapter: bool) -> str:
     """README.md text for a saved model; ``summary``: the run's ``DataSummary`` (or None)."""
@@ -98,7 +104,7 @@ def model_card(cfg: Config, *, step: int, eval_row: dict[str, Any] | None, summa
              f"{cfg.model.init.arch if cfg.model.init else ''} model (`model.init`)")
     lines = ["---", yaml.safe_dump(meta, sort_keys=False).rstrip(), "---", "",
              f"# {Path(cfg.train.output_dir).name}", "",
-             f"Trained from {start} with ORPO (odds ratio preference optimization, λ = {cfg.orpo.beta:g}) "
+             f"Trained from {start} with {_objective(cfg)} "
              f"by `orpo train`; this folder holds the {'LoRA adapter' if adapter else 'model'} at step {step}.", ""]
 
     lines += ["## Evaluation", ""]

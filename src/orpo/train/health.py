@@ -43,7 +43,8 @@ if TYPE_CHECKING:
 
 
 class EvalWindow:
-    """The eval rows of the last ``window`` share of training (at least the last two), for some keys.
+    """The eval rows of the last ``window`` share of training (``health.window`` unless given; at least the
+    last ``min_evals``), for some keys.
 
     Why eval rows and not the per-step train rows: the eval set is the same pairs at every eval, so
     a change between two evals is the model's own; a step's train metrics are of its batch, and on
@@ -52,8 +53,10 @@ class EvalWindow:
     the evals show plainly). Kept in ``state.watchers[name]``, so a resumed run sees the same window.
     """
 
-    def __init__(self, name: str, keys: Sequence[str], health: HealthConfig, skip_first: bool = False):
+    def __init__(self, name: str, keys: Sequence[str], health: HealthConfig, skip_first: bool = False,
+                 window: float | None = None, min_evals: int = 2):
         self.name, self.keys, self.health, self.skip_first = name, tuple(keys), health, skip_first
+        self.span, self.min_evals = health.window if window is None else window, min_evals
 
     def add(self, trainer: Trainer, row: dict[str, Any]) -> dict[str, float] | None:
         """Record an eval row; return each key's change across the window (last - first), or None."""
@@ -62,9 +65,9 @@ class EvalWindow:
             return None
         points: list[list[float]] = trainer.state.watchers.setdefault(self.name, [])
         points.append([row["step"], *(float(v) for v in values if v is not None)])
-        since = row["step"] - self.health.window * trainer.total_steps
-        points[:] = [p for i, p in enumerate(points) if p[0] >= since or i >= len(points) - 2]
-        if len(points) < 2:
+        since = row["step"] - self.span * trainer.total_steps
+        points[:] = [p for i, p in enumerate(points) if p[0] >= since or i >= len(points) - self.min_evals]
+        if len(points) < self.min_evals:
             return None
         self.first_step, self.last_step = int(points[0][0]), int(points[-1][0])
         self.first = dict(zip(self.keys, points[0][1:], strict=True))
@@ -126,9 +129,10 @@ class LambdaTooHigh(Watcher):
 
 
 class RejectedRising(Watcher):
-    """``rejected_rising``: across the window, the eval log-probs of the chosen responses rise by at
-    least ``min_change`` and the rejected ones by at least ``rejected_rise`` of that: the SFT-like
-    regime, λ too low.
+    """``rejected_rising``: across its window (``rejected_window`` of training, at least ``rejected_evals``
+    evals), the eval log-probs of the chosen responses rise by at least ``min_change`` and the rejected
+    ones by at least ``rejected_rise`` of that: the SFT-like regime, λ too low. A short window is not
+    enough: in a healthy run the rejected log-probs tick up between two evals and fall over the next.
 
     Judged from ``rejected_start`` of training on, and never on a window starting at step 0: at
     first every log-prob rises together (a pretrained model learns the template and the domain),
@@ -146,7 +150,8 @@ class RejectedRising(Watcher):
     def on_start(self, trainer: Trainer) -> None:
         if _preference_terms(trainer) and trainer.cfg.model.init is None:
             self.window = EvalWindow(self.code, ["eval_logps_chosen", "eval_logps_rejected"], self.health,
-                                     skip_first=True)
+                                     skip_first=True, window=self.health.rejected_window,
+                                     min_evals=self.health.rejected_evals)
 
     def on_eval(self, trainer: Trainer, row: dict[str, Any]) -> None:
         w, h = self.window, self.health
