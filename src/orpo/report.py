@@ -33,6 +33,7 @@ from typing import Any
 
 import yaml
 
+from orpo.train.checkpoint import write_atomic
 from orpo.train.logger import METRICS_FILE, read_metrics
 from orpo.train.samples import read_samples
 
@@ -336,9 +337,7 @@ def write_report(run_dirs: list[Path], out_dir: Path, names: list[str] | None = 
     summaries = [run_summary(r) for r in runs]
     (out_dir / "summary.json").write_text(json.dumps(summaries, indent=2, ensure_ascii=False))
     page = out_dir / "report.html"
-    tmp = out_dir / ".report.html.tmp"
-    tmp.write_text(_html(runs, summaries, pngs, colors), encoding="utf-8")
-    os.replace(tmp, page)
+    write_atomic(page, _html(runs, summaries, pngs, colors).encode("utf-8"))
     return page
 
 
