@@ -32,6 +32,17 @@ def _naive_neg_logsigmoid(z: float) -> float:
     return math.log(1.0 + math.exp(-z))
 
 
+def _check_pair_loss(loss, chosen, rejected, z: list[float], beta: float, tol: dict) -> None:
+    """``loss`` is −log σ(z) per pair, and its gradient is ±β · (σ(z) − 1) on the chosen / rejected
+    inputs (z = β · (chosen − rejected) + terms that do not depend on them)."""
+    expected = torch.tensor([_naive_neg_logsigmoid(v) for v in z], dtype=torch.float64)
+    torch.testing.assert_close(loss.double(), expected, **tol)
+    loss.sum().backward()
+    dz = torch.tensor([1 / (1 + math.exp(-v)) - 1 for v in z], dtype=torch.float64)
+    torch.testing.assert_close(chosen.grad.double(), beta * dz, **tol)
+    torch.testing.assert_close(rejected.grad.double(), -beta * dz, **tol)
+
+
 def _pairs(n=16, seed=0, scale=8.0):
     g = torch.Generator().manual_seed(seed)
     return [-torch.rand(n, generator=g, dtype=torch.float64) * scale for _ in range(4)]
@@ -44,14 +55,8 @@ def test_simpo_loss_and_gradient_match_float64_reference(dtype):
     ci, ri = c.to(dtype).requires_grad_(), r.to(dtype).requires_grad_()
     loss = simpo_loss(ci, ri, beta, gamma)
     z = [beta * (a - b) - gamma for a, b in zip(c.tolist(), r.tolist(), strict=True)]
-    expected = torch.tensor([_naive_neg_logsigmoid(v) for v in z], dtype=torch.float64)
     tol = {"rtol": 1e-12, "atol": 1e-14} if dtype == torch.float64 else {"rtol": 1e-5, "atol": 1e-6}
-    torch.testing.assert_close(loss.double(), expected, **tol)
-    loss.sum().backward()
-    # d/dz −log σ(z) = σ(z) − 1, and z = β(c − r) − γ
-    dz = torch.tensor([1 / (1 + math.exp(-v)) - 1 for v in z], dtype=torch.float64)
-    torch.testing.assert_close(ci.grad.double(), beta * dz, **tol)
-    torch.testing.assert_close(ri.grad.double(), -beta * dz, **tol)
+    _check_pair_loss(loss, ci, ri, z, beta, tol)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -61,13 +66,8 @@ def test_cpo_loss_and_gradient_match_float64_reference(dtype):
     ci, ri = c.to(dtype).requires_grad_(), r.to(dtype).requires_grad_()
     loss = cpo_loss(ci, ri, beta)
     z = [beta * (a - b) for a, b in zip(c.tolist(), r.tolist(), strict=True)]
-    expected = torch.tensor([_naive_neg_logsigmoid(v) for v in z], dtype=torch.float64)
     tol = {"rtol": 1e-12, "atol": 1e-14} if dtype == torch.float64 else {"rtol": 1e-5, "atol": 1e-5}
-    torch.testing.assert_close(loss.double(), expected, **tol)
-    loss.sum().backward()
-    dz = torch.tensor([1 / (1 + math.exp(-v)) - 1 for v in z], dtype=torch.float64)
-    torch.testing.assert_close(ci.grad.double(), beta * dz, **tol)
-    torch.testing.assert_close(ri.grad.double(), -beta * dz, **tol)
+    _check_pair_loss(loss, ci, ri, z, beta, tol)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -79,13 +79,8 @@ def test_dpo_loss_and_gradient_match_float64_reference_and_leave_the_reference_a
     loss = dpo_loss(ci, ri, rci, rri, beta)
     z = [beta * ((a - ra) - (b - rb)) for a, b, ra, rb in zip(c.tolist(), r.tolist(), rc.tolist(), rr.tolist(),
                                                                strict=True)]
-    expected = torch.tensor([_naive_neg_logsigmoid(v) for v in z], dtype=torch.float64)
     tol = {"rtol": 1e-12, "atol": 1e-14} if dtype == torch.float64 else {"rtol": 1e-4, "atol": 1e-5}
-    torch.testing.assert_close(loss.double(), expected, **tol)
-    loss.sum().backward()
-    dz = torch.tensor([1 / (1 + math.exp(-v)) - 1 for v in z], dtype=torch.float64)
-    torch.testing.assert_close(ci.grad.double(), beta * dz, **tol)
-    torch.testing.assert_close(ri.grad.double(), -beta * dz, **tol)
+    _check_pair_loss(loss, ci, ri, z, beta, tol)
     assert rci.grad is None and rri.grad is None  # the reference is a constant
     # at the reference itself every pair costs log 2
     same = dpo_loss(c, r, c, r, beta)
