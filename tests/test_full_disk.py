@@ -174,3 +174,34 @@ def test_a_really_full_tmpfs_stops_the_run_with_the_same_message(tmp_path, stori
                         "train.resume=auto")
     assert [p.name for p in (copy / "checkpoints").iterdir()] == ["step-2"]
     assert ckpt.inspect_checkpoint(copy / "checkpoints" / "step-2").complete
+
+
+def test_a_metrics_row_on_a_full_disk_is_taken_back_and_exits_5(tmp_path, stories_dir, hh_path, monkeypatch, capsys):
+    cfg = _config(tmp_path, stories_dir, hh_path)
+    out = tmp_path / "run"
+    disk = FullDisk(after_bytes=40, match="metrics.jsonl")  # 40 bytes of the step-3 row reach the disk
+    _with_full_disk(monkeypatch, 2, disk)
+    assert main(["train", cfg]) == 5
+    assert disk.failed == [str(out / "metrics.jsonl")]
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"orpo train: error: could not write the metrics {out / 'metrics.jsonl'} ([Errno 28] No "
+                          "space left on device")
+    assert re.search(r"\): [\d.,]+ MiB are free on that disk; ", err)
+    assert err.endswith(f"the newest checkpoint, {out / 'checkpoints' / 'step-2'}, is intact: free some space, "
+                        "then resume with train.resume=auto")
+    assert [r["step"] for r in read_metrics(out)] == [1, 2]  # every line whole: the cut row was taken back
+
+    monkeypatch.undo()
+    assert main(["train", cfg, "train.resume=auto"]) == 0
+    assert [r["step"] for r in read_metrics(out)] == [1, 2, 3, 4]
+
+
+def test_a_full_disk_outside_a_save_is_one_line_and_exit_5(tmp_path, stories_dir, hh_path, capsys):
+    cfg = _config(tmp_path, stories_dir, hh_path)
+    with FullDisk(after_bytes=0, match="config.yaml"):
+        assert main(["train", cfg]) == 5
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (f"orpo train: error: the disk is full ([Errno 28] No space left on device: "
+                       f"'{tmp_path / 'run' / 'config.yaml'}'): free some space and run it again (train.resume=auto "
+                       "goes on from the newest checkpoint)")
+    assert not any("Traceback" in line for line in err)

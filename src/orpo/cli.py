@@ -9,6 +9,7 @@ is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -18,14 +19,14 @@ EXIT_FAILED_RUNS = 1  # `orpo sweep`: some runs failed (they are in the table)
 EXIT_USAGE = 2  # bad input: configuration, data or arguments
 EXIT_DIVERGED = 3  # training stopped: train.max_bad_steps non-finite steps in a row (TrainingDiverged)
 EXIT_STOPPED = 4  # stopped before the last step when asked (SIGTERM, SIGINT), after a checkpoint: resume to go on
-EXIT_SAVE_FAILED = 5  # a checkpoint or model folder could not be written (disk full, I/O error): SaveFailed
+EXIT_SAVE_FAILED = 5  # a checkpoint, the model or another output could not be written (disk full, I/O error)
 
 EXIT_EPILOG = f"""\
 exit status: 0 success, {EXIT_USAGE} bad configuration or data, {EXIT_DIVERGED} training diverged (non-finite
 steps; the message names the checkpoint to resume from), {EXIT_STOPPED} stopped by SIGTERM or SIGINT after the
-current step and a checkpoint (resume with train.resume=auto), {EXIT_SAVE_FAILED} a checkpoint or the model could
-not be written (disk full, I/O error; the message names the path and the space needed), 130 interrupted (a
-second Ctrl-C).
+current step and a checkpoint (resume with train.resume=auto), {EXIT_SAVE_FAILED} a checkpoint, the model or another
+output could not be written (disk full, I/O error; the message names the path and the space), 130 interrupted
+(a second Ctrl-C).
 """
 
 TRAIN_EPILOG = """\
@@ -73,6 +74,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_STOPPED
     except SaveFailed as e:
         _say_once(f"orpo {args.command}: error: {e}")
+        return EXIT_SAVE_FAILED
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"orpo {args.command}: error{_rank_tag()}: the disk is full ({e}): free some space and run it again"
+              + (" (train.resume=auto goes on from the newest checkpoint)" if args.command == "train" else ""),
+              file=sys.stderr)
         return EXIT_SAVE_FAILED
     except KeyboardInterrupt:
         print(f"orpo {args.command}: interrupted", file=sys.stderr)

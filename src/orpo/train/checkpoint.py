@@ -261,7 +261,8 @@ def stop_on_write_error(what: str, path: Path, output_dir: Path, accelerator=Non
     if error is None or error.errno in (errno.ENOSPC, errno.EDQUOT):
         size, basis = needed()
         free = shutil.disk_usage(_existing_parent(path)).free
-        message += f": it needs about {_mib(size)} ({basis}) and {_mib(free)} are free on that disk"
+        message += (f": it needs about {_mib(size)} ({basis}) and {_mib(free)} are free on that disk" if size
+                    else f": {_mib(free)} are free on that disk")
     elif error.errno == errno.EIO:
         message += ": an I/O error, the disk may be failing"
     newest = list_checkpoints(output_dir)

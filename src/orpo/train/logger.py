@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from rich.progress import (
 )
 
 from orpo.config import ConfigError
-from orpo.train.checkpoint import write_atomic
+from orpo.train.checkpoint import stop_on_write_error, write_atomic
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -69,9 +70,13 @@ class MetricsLogger:
 
     def log(self, row: dict[str, Any]) -> None:
         row = {k: _clean(v) for k, v in row.items()}
-        # open per row: a few rows per second at most, and nothing stays open if the run dies
-        with self.path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+        # A full disk stops the run with SaveFailed (exit 5), the row taken back, not a traceback.
+        size = self.path.stat().st_size if self.path.exists() else 0
+        with stop_on_write_error(f"the metrics {self.path}", self.path, self.path.parent,
+                                 cleanup=lambda: os.truncate(self.path, size)):
+            # open per row: a few rows per second at most, and nothing stays open if the run dies
+            with self.path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
         step = row["step"]
         scalars = {k: v for k, v in row.items() if k != "step" and isinstance(v, int | float)}
         if self._tb is not None:
