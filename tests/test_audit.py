@@ -336,3 +336,34 @@ def test_train_prints_the_checks_and_a_cached_run_shows_them_again(planted, tmp_
         assert "chosen longer" in table and "mean tokens" in table
     strip = lambda text: text[text.index("Data checks") : text.index("model:")]  # noqa: E731
     assert strip(runs[0]) == strip(runs[1])
+
+
+def test_pairs_are_scored_longest_first_and_returned_in_dataset_order(stories_dir, one_thread):
+    """Batches of similar lengths (no batch padded to a random long pair), per-pair values in row order."""
+    import datasets
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from orpo.data.collate import PaddedLayout
+    from orpo.train.evaluate import pair_logps
+
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for n in [5, 40, 9, 33, 12, 27, 3, 18]:  # pair lengths in file order: short and long mixed
+        prompt, chosen, rejected = (torch.randint(1, 512, (k,), generator=g).tolist() for k in (4, n, n + 2))
+        rows.append({"chosen_input_ids": prompt + chosen, "chosen_prompt_len": 4,
+                     "rejected_input_ids": prompt + rejected, "rejected_prompt_len": 4})
+    dataset = datasets.Dataset.from_list(rows)
+    seen: list[list[int]] = []
+
+    class Recording(PaddedLayout):
+        def __call__(self, batch_rows):
+            seen.append([len(r["chosen_input_ids"]) - 4 for r in batch_rows])
+            return super().__call__(batch_rows)
+
+    model = AutoModelForCausalLM.from_pretrained(str(stories_dir))
+    chosen, rejected = pair_logps(model, dataset, Recording(pad_token_id=0), batch_size=3)
+    assert seen == [[40, 33, 27], [18, 12, 9], [5, 3]]
+    one_by_one = [pair_logps(model, dataset.select([i]), 0, batch_size=1) for i in range(len(rows))]
+    assert torch.allclose(chosen, torch.cat([c for c, _ in one_by_one]), atol=1e-5)
+    assert torch.allclose(rejected, torch.cat([r for _, r in one_by_one]), atol=1e-5)

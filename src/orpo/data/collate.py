@@ -248,6 +248,16 @@ def shared_items(rows: Sequence[dict[str, Any]]) -> list[_Item]:
     return items
 
 
+def pair_tokens(dataset) -> list[int]:
+    """chosen + rejected tokens of each row of a tokenized ``datasets.Dataset``, read column-wise:
+    what batching by length (``train.max_tokens_per_batch``, ``orpo audit --model``) sorts on."""
+    import pyarrow.compute as pc
+
+    table = dataset.with_format("arrow")[:]
+    return pc.add(pc.list_value_length(table["chosen_input_ids"]),
+                  pc.list_value_length(table["rejected_input_ids"])).to_pylist()
+
+
 def first_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:
     """Item indices per row: longest first, each into the first row with room (a longer one alone)."""
     rows: list[list[int]] = []

@@ -10,7 +10,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from orpo.data.collate import Layout, PaddedLayout
+from orpo.data.collate import Layout, PaddedLayout, pair_tokens
 from orpo.loss import sequence_logps
 from orpo.train.forward import token_logps
 from orpo.train.model import ensure_pad_token, logits_keep_mode, peft_deprecations_silenced
@@ -81,24 +81,26 @@ def pair_logps(model, dataset, layout: Layout | int, batch_size: int, device: to
     elif keep_mode is False:
         keep_mode = None
     device = device or next(model.parameters()).device
-    chosen, rejected = [], []
+    chosen, rejected = torch.zeros(len(dataset)), torch.zeros(len(dataset))
+    lengths = pair_tokens(dataset) if len(dataset) else []
+    # Longest pairs first: each batch pads only to its own longest pair (not to a random long one
+    # in file order), and a batch too large for the device fails at once, not at the end.
+    order = sorted(range(len(dataset)), key=lambda i: -lengths[i])
     was_training = model.training
     model.eval()
     try:
-        for start in range(0, len(dataset), batch_size):
-            rows = dataset[start : start + batch_size]
+        for start in range(0, len(order), batch_size):
+            index = order[start : start + batch_size]
+            rows = dataset[index]
             rows = [dict(zip(rows, vals, strict=True)) for vals in zip(*rows.values(), strict=True)]
             batch = objective.prepare(layout(rows), keep_mode).to(device)
             sums, counts = sequence_logps(token_logps(model, batch), batch.segment_ids, batch.response_mask,
                                           2 * batch.num_pairs)
             logps = (sums / counts.clamp(min=1.0)).float().cpu()
-            chosen.append(logps[: batch.num_pairs])
-            rejected.append(logps[batch.num_pairs :])
+            chosen[index], rejected[index] = logps[: batch.num_pairs], logps[batch.num_pairs :]
     finally:
         model.train(was_training)
-    if not chosen:
-        return torch.zeros(0), torch.zeros(0)
-    return torch.cat(chosen), torch.cat(rejected)
+    return chosen, rejected
 
 
 def _unwrap(model, accelerator):

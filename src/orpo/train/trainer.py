@@ -41,7 +41,7 @@ from rich.console import Console
 from torch.utils.data import DataLoader
 
 from orpo.config import Config, ConfigError
-from orpo.data.collate import TOKEN_COLUMNS, Layout, PreferenceBatch, resolve_layout
+from orpo.data.collate import TOKEN_COLUMNS, Layout, PreferenceBatch, pair_tokens, resolve_layout
 from orpo.train import checkpoint as ckpt
 from orpo.train.distributed import Engine, build_engine, estimate_memory, full_state_dict
 from orpo.train.evaluate import evaluate
@@ -138,15 +138,6 @@ def token_budget_batches(order: list[int], lengths: list[int], max_tokens: int, 
         half = len(tail[j]) // 2
         tail[j : j + 1] = [tail[j][:half], tail[j][half:]]
     return batches[:whole] + (tail if len(tail) == num_processes else [])
-
-
-def pair_tokens(dataset) -> list[int]:
-    """chosen + rejected tokens of each row (for ``train.max_tokens_per_batch``), read column-wise."""
-    import pyarrow.compute as pc
-
-    table = dataset.with_format("arrow")[:]
-    return pc.add(pc.list_value_length(table["chosen_input_ids"]),
-                  pc.list_value_length(table["rejected_input_ids"])).to_pylist()
 
 
 @dataclass
