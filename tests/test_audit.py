@@ -367,3 +367,18 @@ def test_pairs_are_scored_longest_first_and_returned_in_dataset_order(stories_di
     one_by_one = [pair_logps(model, dataset.select([i]), 0, batch_size=1) for i in range(len(rows))]
     assert torch.allclose(chosen, torch.cat([c for c, _ in one_by_one]), atol=1e-5)
     assert torch.allclose(rejected, torch.cat([r for _, r in one_by_one]), atol=1e-5)
+
+
+def test_orpo_eval_takes_the_fastest_exact_layout_and_agrees_with_padded(scored, stories_dir, capsys, one_thread):
+    args = ["eval", "--model", str(stories_dir), "--data", str(scored), "--max-length", "64", "--json"]
+    assert main(args) == 0
+    out = capsys.readouterr()
+    assert f"{stories_dir}: layout: packed_shared_prompt (data.layout auto)" in out.err
+    (auto,) = json.loads(out.out)
+    assert main([*args, "--layout", "padded"]) == 0
+    out = capsys.readouterr()
+    assert f"{stories_dir}: layout: padded" in out.err
+    (padded,) = json.loads(out.out)
+    assert auto.keys() == padded.keys()
+    for key, value in padded.items():
+        assert auto[key] == (value if isinstance(value, str) else pytest.approx(value, rel=1e-4, abs=1e-5)), key

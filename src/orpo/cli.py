@@ -164,6 +164,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--max-prompt-length", type=int, default=None)
     e.add_argument("--chat-template", default=None, help="none | chatml | llama3 | zephyr | FILE.jinja")
     e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--layout", default="auto", help="auto | padded | packed | shared_prompt | packed_shared_prompt: "
+                   "how pairs are batched, as data.layout in training (default: auto, the fastest exact one)")
     e.add_argument("--beta", type=float, default=0.1, help="λ used for the reported loss")
     e.add_argument("--max-samples", type=int, default=None)
     e.set_defaults(func=_cmd_eval)
@@ -266,6 +268,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     from orpo.config import DataConfig
     from orpo.data import prepare_data
+    from orpo.data.collate import resolve_layout
     from orpo.train.evaluate import evaluate, load_for_inference, print_eval_table
     from orpo.train.objective import ORPOObjective
 
@@ -279,8 +282,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         prepared = prepare_data(data_cfg, tokenizer, chat_template=args.chat_template)
         if len(results) == 0:
             print(prepared.summary.render(), file=sys.stderr)
-        m = evaluate(model, prepared.train, tokenizer.pad_token_id, batch_size=args.batch_size,
-                     objective=ORPOObjective(beta=args.beta))
+        layout, line = resolve_layout(args.layout, model, tokenizer.pad_token_id, args.max_length)
+        print(f"{name}: {line}", file=sys.stderr)
+        m = evaluate(model, prepared.train, layout, batch_size=args.batch_size, objective=ORPOObjective(beta=args.beta))
         results.append({"model": name, **{k: m[v] for k, v in EVAL_KEYS.items()}})
         del model
         gc.collect()
