@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import gc
 import math
 import os
 from collections.abc import Callable, Iterator
@@ -305,10 +306,14 @@ def build_engine(cfg: Config, env: dict[str, str] | None = None) -> Engine:
 
 
 def _end_process_group() -> None:
-    """At exit, on every rank, end the process group the first run of this process started. Left to
-    interpreter teardown, gloo aborted rank 0 with SIGABRT ("terminate called without an active
-    exception") in about one finished 2-process run in ten, which fails the whole torchrun launch."""
+    """At exit, on every rank, end the process group the first run of this process started, while
+    Python can still run its threads. Left to interpreter teardown, a gloo worker thread still
+    releasing the tensors of the last collective needs the GIL and is killed for it: SIGABRT
+    ("terminate called without an active exception") in about one 2-process run in ten, which fails
+    the whole torchrun launch. The collection first drops what still holds the group (a wrapped
+    model in a reference cycle), so destroying it joins those threads now."""
     if dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
 
 
