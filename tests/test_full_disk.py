@@ -211,8 +211,11 @@ def test_a_full_disk_outside_a_save_is_one_line_and_exit_5(tmp_path, stories_dir
 
 TWO_RANKS = """
 import atexit, json, os, sys
-atexit.register(lambda: print("gloo threads at exit:", [name for t in os.listdir("/proc/self/task") if "gloo" in
-                                                        (name := open(f"/proc/self/task/{t}/comm").read().strip())]))
+def gloo_threads():
+    names = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+    # one write(2) per rank, so the ranks' lines never interleave (PYTHONUNBUFFERED makes print write in parts)
+    os.write(1, f"gloo threads at exit: {[n for n in names if 'gloo' in n]}\\n".encode())
+atexit.register(gloo_threads)
 from faults.disk import FullDisk
 import orpo.train.trainer as trainer_mod
 from orpo.cli import main

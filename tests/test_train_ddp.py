@@ -15,9 +15,12 @@ from orpo.train import Trainer, read_metrics
 
 SCRIPT = """
 import atexit, json, os, sys
+def gloo_threads():
+    names = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+    # one write(2) per rank, so the ranks' lines never interleave (PYTHONUNBUFFERED makes print write in parts)
+    os.write(1, f"gloo threads at exit: {[n for n in names if 'gloo' in n]}\\n".encode())
 # registered before orpo's own exit handler, so it runs after it (atexit is last in, first out)
-atexit.register(lambda: print("gloo threads at exit:", [name for t in os.listdir("/proc/self/task") if "gloo" in
-                                                        (name := open(f"/proc/self/task/{t}/comm").read().strip())]))
+atexit.register(gloo_threads)
 from orpo.config import load_config
 from orpo.train import train
 train(load_config(raw=json.loads(sys.argv[1])), progress=False)
