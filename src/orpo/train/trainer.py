@@ -23,7 +23,6 @@ metrics back only on logged steps.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import math
@@ -44,6 +43,7 @@ from orpo.config import Config, ConfigError
 from orpo.data.collate import TOKEN_COLUMNS, Layout, PreferenceBatch, pair_tokens, resolve_layout
 from orpo.train import checkpoint as ckpt
 from orpo.train.distributed import Engine, build_engine, estimate_memory, full_state_dict
+from orpo.train.divergence import diverged
 from orpo.train.evaluate import evaluate
 from orpo.train.forward import configure_logps
 from orpo.train.logger import MetricsLogger, ProgressBar, Throughput, check_report_to
@@ -69,17 +69,6 @@ class TrainData(Protocol):
     train: Any  # datasets.Dataset with ROW_COLUMNS
     eval: Any | None
     fingerprint: str
-
-
-class TrainingDiverged(RuntimeError):
-    """Too many consecutive steps with a non-finite loss or gradient norm.
-
-    ``checkpoint`` is the newest checkpoint written before the streak began (None if there is none).
-    """
-
-    def __init__(self, message: str, checkpoint: Path | None = None) -> None:
-        super().__init__(message)
-        self.checkpoint = checkpoint
 
 
 class TrainingStopped(RuntimeError):
@@ -613,41 +602,8 @@ class Trainer:
         return True
 
     def _check_divergence(self) -> None:
-        n, t = self.state.bad_in_a_row, self.cfg.train
-        if n < t.max_bad_steps:
-            return
-        first = self.state.step - n + 1
-        good, suspect = self._checkpoint_before(first)
-        where = (f"the last checkpoint written before them is {good}" if good is not None
-                 else f"no checkpoint was written before step {first}")
-        if suspect is not None:
-            where += f" (not {suspect}: no step after resuming from it was finite, so it may be damaged)"
-        fixes = [f"lower train.learning_rate (now {t.learning_rate:g}; try {t.learning_rate / 10:g})"]
-        if t.max_grad_norm is None:
-            fixes.append("set train.max_grad_norm (now off; 1.0 is usual)")
-        if t.mixed_precision == "fp16" or self.cfg.model.dtype == "float16":
-            fixes.append("train in bf16 or float32 instead of float16 (train.mixed_precision, model.dtype)")
-        resume = f", then resume with train.resume={good}" if good is not None else (
-            "" if t.save_every else "; set train.save_every to keep checkpoints to resume from")
-        raise TrainingDiverged(
-            f"training diverged: steps {first} to {self.state.step} ({n} in a row, train.max_bad_steps = "
-            f"{t.max_bad_steps}) had a non-finite loss or gradient norm and were skipped; {where}. "
-            f"To go on, {', '.join(fixes)}{resume}.",
-            checkpoint=good,
-        )
-
-    def _checkpoint_before(self, first_bad: int) -> tuple[Path | None, Path | None]:
-        """(the newest checkpoint from before step ``first_bad``, a suspect one). The checkpoint this
-        run resumed from is suspect, and passed over, when no step after loading it was finite."""
-        suspect = None
-        if self.resume_from is not None:
-            with contextlib.suppress(OSError, ValueError, TypeError):
-                if ckpt.read_state(self.resume_from).step == first_bad - 1:
-                    suspect = self.resume_from
-        for path in reversed(ckpt.list_checkpoints(self.output_dir)):
-            if int(path.name.removeprefix("step-")) < first_bad and not (suspect and path.resolve() == suspect.resolve()):
-                return path, suspect
-        return None, suspect
+        if self.state.bad_in_a_row >= self.cfg.train.max_bad_steps:
+            raise diverged(self.state, self.cfg, self.resume_from, self.output_dir)
 
     # -- evaluate / save --------------------------------------------------------------------
 
