@@ -16,6 +16,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from tiny import TINY as TINY_LLAMA
 from transformers import AutoModelForCausalLM
 
 from orpo.config import ConfigError, load_config
@@ -25,8 +26,7 @@ from orpo.train.checkpoint import read_weights
 
 REPO = Path(__file__).resolve().parents[1]
 QS = REPO / "examples" / "quickstart"
-TINY = {"arch": "llama", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "num_key_value_heads": 2, "intermediate_size": 64, "max_position_embeddings": 64}
+TINY = {**TINY_LLAMA, "max_position_embeddings": 64}
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

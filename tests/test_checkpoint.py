@@ -11,6 +11,7 @@ import shutil
 import pytest
 import yaml
 from rich.console import Console
+from tiny import TINY
 
 from orpo.cli import main
 from orpo.config import load_config
@@ -18,9 +19,6 @@ from orpo.train import ResumeError, Trainer, list_checkpoints, read_metrics
 from orpo.train import checkpoint as ckpt
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-TINY = {"arch": "llama", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "num_key_value_heads": 2, "intermediate_size": 64}
 
 
 def _cfg(out, stories_dir, hh_path, **train):

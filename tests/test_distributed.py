@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny import TINY
 
 from orpo.config import load_config
 from orpo.train import Trainer, list_checkpoints, read_metrics
@@ -55,8 +56,6 @@ for raw in json.loads(sys.argv[1]):
     trainer.train()
 """
 
-TINY = {"arch": "llama", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "num_key_value_heads": 2, "intermediate_size": 64}
 STEPS = 5
 # Losses of the same global batch on 1 and 2 processes differ only by float summation order.
 REL = 1e-5

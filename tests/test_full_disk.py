@@ -18,6 +18,7 @@ import pytest
 import torch
 import yaml
 from faults.disk import FullDisk
+from tiny import TINY
 
 import orpo.train.trainer as trainer_mod
 from orpo.cli import main
@@ -25,9 +26,6 @@ from orpo.config import DataConfig
 from orpo.data import prepare_data
 from orpo.train import Watcher, list_checkpoints, read_metrics
 from orpo.train import checkpoint as ckpt
-
-TINY = {"arch": "llama", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "num_key_value_heads": 2, "intermediate_size": 64}
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -18,6 +18,7 @@ from statistics import median
 import pytest
 import torch
 import yaml
+from tiny import TINY as TINY_LLAMA
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from orpo.cli import main
@@ -39,8 +40,7 @@ from orpo.train.health import (
 
 REPO = Path(__file__).resolve().parents[1]
 QS = REPO / "examples" / "quickstart"
-TINY = {"arch": "llama", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "num_key_value_heads": 2, "intermediate_size": 64, "max_position_embeddings": 64}
+TINY = {**TINY_LLAMA, "max_position_embeddings": 64}
 STORY = (
     "Once upon a time, there was a little girl named Lily. She loved to play outside in the park with her "
     "friends. One day, she saw a big red ball under a tree. She ran to the ball and picked it up. \"Look, Mom! "

@@ -10,6 +10,7 @@ import math
 import mpmath
 import pytest
 import torch
+from tiny import TINY
 
 from orpo.config import load_config
 from orpo.loss import odds_ratio_loss, orpo_loss
@@ -18,8 +19,6 @@ from orpo.train.checkpoint import read_weights
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TINY = {"arch": "llama", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "num_key_value_heads": 2, "intermediate_size": 64}
 SANE_LR = 1e-3  # what this tiny model trains well with
 
 # Per-token log-probs: a model certain of every token, tiny, moderate, far below −1e4, near float32's end.

@@ -11,15 +11,13 @@ from contextlib import redirect_stderr
 import pytest
 import torch
 import yaml
+from tiny import TINY
 
 from orpo.cli import EXIT_DIVERGED, main
 from orpo.config import load_config
 from orpo.train import Trainer, TrainingDiverged, list_checkpoints, read_metrics
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-TINY = {"arch": "llama", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "num_key_value_heads": 2, "intermediate_size": 64}
 
 
 def _raw(out, stories_dir, hh_path, **train) -> dict:

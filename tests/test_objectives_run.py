@@ -8,14 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny import TINY
 
 from orpo.config import load_config
 from orpo.train import ResumeError, Trainer, read_metrics
 from orpo.train import reference as reference_mod
 from orpo.train.objective import build_objective
-
-TINY = {"arch": "llama", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "num_key_value_heads": 2, "intermediate_size": 64}
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 REPO = Path(__file__).resolve().parents[1]

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny import TINY
 
 from orpo.cli import main
 from orpo.config import load_config
@@ -18,9 +19,6 @@ from orpo.data import prepare_data
 from orpo.report import FIGURES, NotARunError, _colors, _label, default_names, load_run, write_report
 from orpo.train import Trainer, read_metrics
 from orpo.train.samples import greedy_completions, read_samples
-
-TINY = {"arch": "llama", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "num_key_value_heads": 2, "intermediate_size": 64}
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

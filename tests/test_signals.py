@@ -17,15 +17,13 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from tiny import TINY
 
 import orpo.train.trainer as trainer_mod
 from orpo.cli import main
 from orpo.train import Watcher, list_checkpoints, read_metrics
 from orpo.train import checkpoint as ckpt
 from orpo.train.signals import StopOnSignal
-
-TINY = {"arch": "llama", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "num_key_value_heads": 2, "intermediate_size": 64}
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

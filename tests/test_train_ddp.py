@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+from tiny import TINY
 
 from orpo.config import load_config
 from orpo.train import Trainer, read_metrics
@@ -28,10 +29,8 @@ train(load_config(raw=json.loads(sys.argv[1])), progress=False)
 
 
 def _raw(out, stories_dir, hh_path, batch_size):
-    tiny = {"arch": "llama", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
-            "num_key_value_heads": 2, "intermediate_size": 64}
     return {
-        "model": {"init": tiny, "tokenizer": str(stories_dir)},
+        "model": {"init": TINY, "tokenizer": str(stories_dir)},
         # general_eval: 3 blocks of 64 tokens, so the ranks score different numbers of blocks (2 and 1)
         "data": {"train": str(hh_path), "max_length": 64, "max_samples": 10, "eval_fraction": 0.2,
                  "general_eval": str(out.parent / "general.txt")},

@@ -10,6 +10,7 @@ import pytest
 import torch
 from peft import AutoPeftModelForCausalLM
 from safetensors.torch import load_file
+from tiny import TINY
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from orpo.config import load_config
@@ -118,9 +119,7 @@ def test_lora_dropout_run_killed_and_resumed_matches_the_uninterrupted_run(lora_
 
 
 def test_lora_on_a_fresh_init_model_saves_its_base_and_merges(stories_dir, hh_path, tmp_path):
-    tiny = {"arch": "llama", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
-            "num_key_value_heads": 2, "intermediate_size": 64}
-    cfg = _cfg(tmp_path / "run", {"init": tiny, "tokenizer": str(stories_dir)}, hh_path, max_steps=1,
+    cfg = _cfg(tmp_path / "run", {"init": TINY, "tokenizer": str(stories_dir)}, hh_path, max_steps=1,
                save_every=None)
     trainer = Trainer(cfg, progress=False).setup()
     trainer.train()

@@ -9,6 +9,7 @@ import shutil
 
 import pytest
 import torch
+from tiny import TINY as TINY_LLAMA
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from orpo.config import ConfigError, load_config
@@ -22,9 +23,8 @@ from orpo.train import (
     read_metrics,
 )
 
-TINY = {"arch": "llama", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "num_key_value_heads": 2, "intermediate_size": 64,
-        "attention_dropout": 0.1}  # dropout draws from the RNG: a resume must restore it
+# dropout draws from the RNG: a resume must restore it
+TINY = {**TINY_LLAMA, "attention_dropout": 0.1}
 
 
 

@@ -7,6 +7,7 @@ from functools import partial
 
 import pytest
 import torch
+from tiny import TINY
 
 from orpo.config import ConfigError, ModelConfig, TrainConfig, load_config
 from orpo.data.collate import PaddedLayout
@@ -16,10 +17,6 @@ from orpo.train.model import logits_keep_mode
 from orpo.train.objective import ORPOObjective
 from orpo.train.optim import build_optimizer, build_scheduler, param_groups
 from orpo.train.trainer import Trainer, _collate, epoch_micro_batches
-
-TINY = {"arch": "llama", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "num_key_value_heads": 2, "intermediate_size": 64}
-
 
 WORDS = "the cat sat on a big red mat and then ran to the park with her little dog who liked to play".split()
 
@@ -36,7 +33,6 @@ def short_pairs(tmp_path_factory):
                                  "rejected": " ".join(reversed(words[: 1 + (i * 3) % 11])) + "."}))
     path.write_text("\n".join(lines) + "\n")
     return path
-
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import pytest
+from tiny import TINY
 
 from orpo.cli import main
 from orpo.config import load_config
 from orpo.train import Trainer, TrainingStopped, Watcher, list_checkpoints, read_metrics
-
-TINY = {"arch": "llama", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "num_key_value_heads": 2, "intermediate_size": 64}
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
