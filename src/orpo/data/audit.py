@@ -132,7 +132,8 @@ def audit(data: Any, *, format: str = "auto", columns: dict[str, str] | None = N
     elif model is not None:
         from orpo.train.model import ensure_pad_token
 
-        ensure_pad_token(tokenizer)  # as training does to a loaded tokenizer: scoring pads batches
+        # as training does to a loaded tokenizer: scoring pads batches
+        ensure_pad_token(tokenizer)
     limits = {"max_length": max_length, "max_prompt_length": max_prompt_length,
               "min_response_tokens": min_response_tokens}
     limits = {k: v for k, v in limits.items() if v is not None}

@@ -50,7 +50,8 @@ class StopOnSignal(Watcher):
         if threading.current_thread() is not threading.main_thread():
             return
         for sig in SIGNALS:
-            if signal.getsignal(sig) is not signal.SIG_IGN:  # `nohup` and `cmd &` ignore some on purpose
+            # `nohup` and `cmd &` ignore some on purpose: those stay ignored
+            if signal.getsignal(sig) is not signal.SIG_IGN:
                 self._previous[sig] = signal.signal(sig, self._handle)
 
     def on_close(self, trainer: Trainer) -> None:

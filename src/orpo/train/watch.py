@@ -67,5 +67,6 @@ def build_watchers(cfg: Config) -> list[Watcher]:
         watchers.append(EvalSamples(cfg.train.eval_generate, cfg.train.eval_generate_max_tokens))
     from orpo.train.signals import StopOnSignal
 
-    watchers.append(StopOnSignal(cfg.train.checkpoint_on_signal))  # SIGTERM / SIGINT: stop after this step
+    # SIGTERM / SIGINT: stop after this step
+    watchers.append(StopOnSignal(cfg.train.checkpoint_on_signal))
     return watchers
