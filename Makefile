@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint bench faults setup clean docs
+.PHONY: demo test lint bench faults setup clean docs test-compat
 
 setup: $(STAMP)
 
@@ -39,5 +39,29 @@ bench: $(STAMP)
 faults: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) tests/faults/run.py --out runs/faults
 
+# Compatibility venv with the GPU image's library versions: transformers 5.17, accelerate 1.15, peft 0.21.
+# torch stays at 2.13.0 (local CPU wheel): PyPI's torch 2.11.0 Linux x86_64 wheel (531 MB) is a CUDA build
+# and with --no-deps fails to import on a CPU machine ("libcudnn.so.9: cannot open shared object file");
+# its nvidia-*/cuda-toolkit/triton dependencies add several GB. download.pytorch.org is not reachable.
+COMPAT       := .venv-compat
+COMPAT_PY    := $(COMPAT)/bin/python
+COMPAT_STAMP := $(COMPAT)/.installed
+COMPAT_PINS  := "torch==2.13.0" "transformers==5.17.0" "accelerate==1.15.0" "peft==0.21.2"
+COMPAT_TESTS := $(wildcard tests/test_distributed.py tests/test_distributed_config.py tests/test_train_ddp.py \
+	tests/test_layouts.py tests/test_chunked_logps.py tests/test_objectives.py tests/test_objectives_run.py \
+	tests/test_checkpoint.py tests/test_engine_gpu_ready.py tests/test_chunked_engines.py \
+	tests/test_host_syncs.py tests/test_sharded_eval.py tests/test_layout_windows.py tests/test_loss.py)
+
+$(COMPAT_STAMP): pyproject.toml Makefile
+	test -x $(COMPAT_PY) || $(PYTHON) -m venv $(COMPAT)
+	$(COMPAT_PY) -m pip install --quiet --upgrade pip
+	$(COMPAT_PY) -m pip install --quiet $(COMPAT_PINS)
+	$(COMPAT_PY) -m pip install --quiet -e ".[dev]" $(COMPAT_PINS)
+	touch $(COMPAT_STAMP)
+
+test-compat: $(COMPAT_STAMP)
+	$(COMPAT_PY) -c "import torch, transformers, accelerate, peft; print('compat:', torch.__version__, transformers.__version__, accelerate.__version__, peft.__version__)"
+	HF_HUB_OFFLINE=1 $(COMPAT)/bin/pytest -q $(COMPAT_TESTS)
+
 clean:
-	rm -rf $(VENV) runs .pytest_cache .ruff_cache .mypy_cache
+	rm -rf $(VENV) $(COMPAT) runs .pytest_cache .ruff_cache .mypy_cache

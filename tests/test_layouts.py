@@ -31,7 +31,7 @@ from orpo.data.collate import (
 from orpo.loss import sequence_logps
 from orpo.train import Trainer, read_metrics
 from orpo.train.forward import token_logps
-from orpo.train.model import load_model, load_tokenizer
+from orpo.train.model import load_model, load_tokenizer, logits_keep_mode
 from orpo.train.objective import ORPOObjective
 from orpo.train.trainer import _collate, epoch_micro_batches, token_budget_batches
 
@@ -128,10 +128,13 @@ def _assert_same(got, ref):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5 * float(r.abs().max()) + 1e-12, msg=name)
 
 
-@pytest.mark.parametrize("keep_mode", [None, "mask"])
+@pytest.mark.parametrize("keep_mode", [None, "model's"])
 @pytest.mark.parametrize("model_name", ["stories-sdpa", "stories-eager", "qwen2-sdpa"])
 def test_every_layout_matches_the_padded_layout(models, rows, model_name, keep_mode):
+    """``keep_mode`` "model's": what this transformers version's forward takes (``logits_keep_mode``:
+    "mask" where it has ``slice_logits_to_keep``, "positions" before, as in transformers 5.17)."""
     model = models[model_name]
+    keep_mode = logits_keep_mode(model) if keep_mode else None
     impl = model.config._attn_implementation
     ref = _compute(model, PaddedLayout(pad_token_id=0), rows, keep_mode)
     for name in PADDING_FREE:
@@ -153,8 +156,9 @@ def test_every_layout_matches_the_padded_layout(models, rows, model_name, keep_m
 @pytest.mark.parametrize("layout_name", PADDING_FREE)
 def test_nll_on_prompt_reads_the_same_prompt_targets(models, rows, layout_name):
     model = models["stories-sdpa"]
-    ref = _compute(model, PaddedLayout(pad_token_id=0), rows, "mask", nll_on_prompt=True)
-    _assert_same(_compute(model, build_layout(layout_name, 0, ROW_LENGTH), rows, "mask", nll_on_prompt=True), ref)
+    mode = logits_keep_mode(model)
+    ref = _compute(model, PaddedLayout(pad_token_id=0), rows, mode, nll_on_prompt=True)
+    _assert_same(_compute(model, build_layout(layout_name, 0, ROW_LENGTH), rows, mode, nll_on_prompt=True), ref)
 
 
 def test_flex_attention_gets_a_block_mask_of_the_same_rule(rows):
@@ -207,7 +211,8 @@ def test_varlen_inputs_reach_attention_and_match_padded(stories_dir, rows):
         batch = layout(rows)
         assert batch.inputs["input_ids"].shape[0] == 1 and "attention_mask" not in batch.inputs
         assert batch.num_positions() == batch.num_tokens()  # not one pad position
-        _assert_same(_compute(model, layout, rows, "mask"), _compute(sdpa, PaddedLayout(pad_token_id=0), rows, "mask"))
+        mode = logits_keep_mode(model)
+        _assert_same(_compute(model, layout, rows, mode), _compute(sdpa, PaddedLayout(pad_token_id=0), rows, mode))
     with pytest.raises(ConfigError, match="FlashAttention"):
         build_layout("shared_prompt", 0, ROW_LENGTH, "flash_attention_2")
 
@@ -372,7 +377,8 @@ def test_a_training_run_in_each_layout_logs_the_padded_runs_metrics(tmp_path, st
 
 def test_layouts_refuse_models_they_would_get_wrong(stories_dir):
     tok = load_tokenizer(ModelConfig(name_or_path=str(stories_dir)))
-    windowed = load_model(ModelConfig(init={**QWEN2, "use_sliding_window": True, "sliding_window": 32},
+    windowed = load_model(ModelConfig(init={**QWEN2, "use_sliding_window": True, "sliding_window": 32,
+                                            "max_window_layers": 0},
                                       tokenizer=str(stories_dir)), tok)
     with pytest.raises(ConfigError, match="sliding window"):
         layout_for_model("packed", windowed, 0, 96)
@@ -396,7 +402,8 @@ def test_auto_takes_the_fastest_layout_the_model_runs_exactly(tmp_path, stories_
     model.config._attn_implementation = "flash_attention_2"  # only the choice is built, no forward runs
     layout, line = resolve_layout("auto", model, 0, 96)
     assert type(layout) is PackedLayout and "not packed_shared_prompt" in line and "FlashAttention" in line
-    windowed = load_model(ModelConfig(init={**QWEN2, "use_sliding_window": True, "sliding_window": 32},
+    windowed = load_model(ModelConfig(init={**QWEN2, "use_sliding_window": True, "sliding_window": 32,
+                                            "max_window_layers": 0},
                                       tokenizer=str(stories_dir)), tok)
     layout, line = resolve_layout("auto", windowed, 0, 96)
     assert isinstance(layout, PaddedLayout) and line.startswith("layout: padded (data.layout auto; not packed_")
@@ -410,8 +417,13 @@ def test_collate_keeps_targets_of_a_packed_batch(tmp_path, stories_dir, hh_path)
     trainer = Trainer(_cfg(tmp_path, stories_dir, hh_path, "keep", data={"layout": "packed"}), progress=False).setup()
     rows = trainer.train_data.__getitems__([0, 1, 2])
     batch = _collate(rows, layout=trainer.layout, objective=trainer.objective, keep_mode=trainer.keep_mode)
-    assert trainer.keep_mode == "mask" and batch.inputs["logits_to_keep"].shape == batch.inputs["input_ids"].shape
-    assert batch.labels.ndim == 1 and (batch.labels != -100).all()
+    if trainer.keep_mode == "mask":
+        assert batch.inputs["logits_to_keep"].shape == batch.inputs["input_ids"].shape
+        assert batch.labels.ndim == 1 and (batch.labels != -100).all()
+    else:  # transformers before slice_logits_to_keep (5.17): the columns any row reads
+        assert trainer.keep_mode == "positions" and batch.inputs["logits_to_keep"].ndim == 1
+        assert batch.labels.shape[1] == len(batch.inputs["logits_to_keep"])
+        assert (batch.labels != -100).any(dim=0).all()
 
 
 def test_resume_with_a_token_budget_matches_the_uninterrupted_run(tmp_path, stories_dir, hh_path):

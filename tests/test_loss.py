@@ -84,6 +84,32 @@ def test_gradcheck_float64():
     assert torch.autograd.gradcheck(log1mexp, (x,))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_or_loss_gradient_near_certainty_matches_float64(dtype):
+    """The corner where a clamp at −1e-6 once zeroed the rejected side's gradient (at −9e-7: 0,
+    exact 1.1e6). Down to the clamp every gradient is the exact one; above it a rejected response
+    keeps the gradient at the clamp, a chosen one gets 0."""
+    def exact(lc: float, lr: float) -> tuple[float, float]:
+        lo = lambda v: v - math.log(-math.expm1(v))  # noqa: E731
+        s = 1.0 / (1.0 + math.exp(lo(lc) - lo(lr)))  # σ(−z), z the log odds ratio
+        return -s / -math.expm1(lc), s / -math.expm1(lr)
+
+    for lc, lr in [(-0.5, -9e-7), (-0.5, -1e-8), (-2e-9, -0.3), (-1e-6, -3e-6), (-0.5, -1e-9)]:
+        c = torch.tensor([lc], dtype=dtype, requires_grad=True)
+        r = torch.tensor([lr], dtype=dtype, requires_grad=True)
+        odds_ratio_loss(c, r).sum().backward()
+        want_c, want_r = exact(min(lc, LOGP_MAX), min(lr, LOGP_MAX))
+        assert c.grad.item() == pytest.approx(want_c, rel=1e-5), (lc, lr)
+        assert r.grad.item() == pytest.approx(want_r, rel=1e-5), (lc, lr)
+    for lr in (0.0, -1e-12):
+        c, r = torch.tensor([-0.5], dtype=dtype, requires_grad=True), torch.tensor([lr], dtype=dtype, requires_grad=True)
+        odds_ratio_loss(c, r).sum().backward()
+        assert r.grad.item() == pytest.approx(exact(-0.5, LOGP_MAX)[1], rel=1e-5) and r.grad.item() > 1e8
+    c, r = torch.tensor([0.0], dtype=dtype, requires_grad=True), torch.tensor([-0.5], dtype=dtype, requires_grad=True)
+    odds_ratio_loss(c, r).sum().backward()
+    assert c.grad.item() == 0.0
+
+
 def test_gradient_of_or_loss_prefers_chosen():
     c = torch.tensor([-2.0], requires_grad=True)
     r = torch.tensor([-2.0], requires_grad=True)

@@ -13,7 +13,7 @@ import torch
 from tiny import TINY
 
 from orpo.config import load_config
-from orpo.loss import odds_ratio_loss, orpo_loss
+from orpo.loss import LOGP_MAX, odds_ratio_loss, orpo_loss
 from orpo.train import Trainer, TrainingDiverged, list_checkpoints, read_metrics
 from orpo.train.checkpoint import read_weights
 
@@ -26,10 +26,10 @@ EXTREME = [0.0, -1e-30, -1e-6, -0.5, -30.0, -1e4, -1.5e4, -1e5, -1e30]
 
 
 def _ref_or_loss(lc: float, lr: float) -> float:
-    """−log σ(log odds(c) − log odds(r)) at 60 digits, with the module's clamp of log P to −1e-6."""
+    """−log σ(log odds(c) − log odds(r)) at 60 digits, with the module's clamp of log P (LOGP_MAX)."""
     with mpmath.workdps(60):
         def log_odds(logp):
-            x = mpmath.mpf(min(logp, -1e-6))
+            x = mpmath.mpf(min(logp, LOGP_MAX))
             return x - mpmath.log(-mpmath.expm1(x))
 
         z = log_odds(lc) - log_odds(lr)
@@ -55,13 +55,16 @@ def test_orpo_loss_at_exactly_zero_and_far_below_minus_1e4(dtype):
 
 
 def test_odds_ratio_gradient_at_the_extremes():
-    """logp = 0 exactly is clamped (no gradient: the model cannot get more certain); far below −1e4
-    the gradient is the log-sigmoid's ±1, not 0 or NaN."""
+    """logp = 0 exactly: a chosen response has no gradient left (the model cannot get more certain),
+    a rejected one keeps the gradient at the clamp, the strongest push down (~σ · 1e9), never 0; far
+    below −1e4 the gradient is the log-sigmoid's ±1, not 0 or NaN."""
     c = torch.tensor([0.0, -1e4, -1e5, -1e4], requires_grad=True)
     r = torch.tensor([0.0, 0.0, -1e5, -1e5], requires_grad=True)
     odds_ratio_loss(c, r).sum().backward()
     assert c.grad.tolist() == [0.0, -1.0, -0.5, pytest.approx(0.0, abs=1e-30)]
-    assert r.grad.tolist() == [0.0, 0.0, 0.5, pytest.approx(0.0, abs=1e-30)]
+    at_clamp = -1.0 / math.expm1(LOGP_MAX)
+    assert r.grad.tolist() == [pytest.approx(0.5 * at_clamp, rel=1e-6), pytest.approx(at_clamp, rel=1e-6), 0.5,
+                               pytest.approx(0.0, abs=1e-30)]
 
 
 # ---------------------------------------------------------------------------------------------

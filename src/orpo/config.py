@@ -474,6 +474,13 @@ class TrainConfig(_Section):
     cpu_offload: bool = Field(
         False, description="Keep what the engine shards in CPU memory (fsdp2, zero2, zero3 only)."
     )
+    disable_dropout: bool | None = Field(
+        None,
+        description="Set every dropout of the model to 0 (nn.Dropout modules, LoRA dropout included, and "
+        "attention dropout in the model config). Default (unset): true for objectives with a reference "
+        "(DPO: the cached reference log-probs are of the model without dropout, so the policy is compared "
+        "alike), else false.",
+    )
     eval_generate: int = Field(
         0, ge=0, description="At each eval, greedy completions of the first N eval prompts -> "
         "output_dir/samples.jsonl (and TensorBoard text). 0 = none."

@@ -34,12 +34,15 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-# log P = 0 exactly (a model certain of a whole response) makes odds = P/(1−P) infinite. We clamp
-# log-probs to at most LOGP_MAX before taking log odds. At −1e-6, log(1−exp(logp)) ≈ −13.8, so
-# log odds saturates near +13.8: still monotone for every logp below the clamp, finite, and with
-# finite gradients. Anything in (−1e-6, 0] is treated as "certain"; its gradient through the
-# clamp is zero, which is the right answer for a pair the model cannot become more certain of.
-LOGP_MAX = -1e-6
+# log P = 0 exactly (a model certain of a whole response) makes odds = P/(1−P) infinite, so log
+# odds are taken of log-probs clamped to at most LOGP_MAX. At −1e-9 log odds saturate near +20.7
+# and their gradient, 1/(1 − P), near 1e9: finite in float32 (whose exp(−1e-9) is already 1.0,
+# which is why log1mexp keeps each branch to the inputs it is exact for). Below the clamp every
+# value and gradient is exact. Above it, what the gradient should be depends on the side:
+# - chosen: zero, the right answer for a response the model cannot become more certain of;
+# - rejected: the gradient at the clamp (the largest anywhere), never zero: a model certain of the
+#   rejected response is where the push down must be strongest (``odds_ratio_loss``).
+LOGP_MAX = -1e-9
 _LN_HALF = -math.log(2.0)
 
 
@@ -50,22 +53,33 @@ def log1mexp(x: torch.Tensor) -> torch.Tensor:
     ``log(-expm1(x))``; far below 0, ``expm1`` rounds to −1 and ``log1p(-exp(x))`` is the
     accurate one. The switch point −ln 2 is where both have the same error.
     """
-    return torch.where(x > _LN_HALF, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+    # the far branch only sees inputs it is exact for: where() passes a zero gradient to the branch it
+    # does not take, and 0 times log1p's infinite derivative at exp(x) = 1 would be NaN
+    far = torch.log1p(-torch.exp(x.clamp(max=_LN_HALF)))
+    return torch.where(x > _LN_HALF, torch.log(-torch.expm1(x)), far)
 
 
-def log_odds(logps: torch.Tensor) -> torch.Tensor:
+def log_odds(logps: torch.Tensor, grad_above_clamp: bool = False) -> torch.Tensor:
     """Elementwise log odds ``logp − log(1 − exp(logp))``, in float32 (float64 stays float64).
 
     Inputs above ``LOGP_MAX`` are clamped to it (see the module constant), so the result is finite
-    for every finite input, including ``logp = 0``.
+    for every finite input, including ``logp = 0``. ``grad_above_clamp``: there the value is still
+    the clamp's, but the gradient is the one at the clamp instead of zero.
     """
-    x = _as_float(logps).clamp(max=LOGP_MAX)
-    return x - log1mexp(x)
+    x = _as_float(logps)
+    clamped = x.clamp(max=LOGP_MAX)
+    if grad_above_clamp:
+        clamped = x + (clamped - x).detach()
+    return clamped - log1mexp(clamped)
 
 
 def odds_ratio_loss(logps_chosen: torch.Tensor, logps_rejected: torch.Tensor) -> torch.Tensor:
-    """Per-pair ``−log σ(log odds(chosen) − log odds(rejected))``, float32 out for fp32/bf16 in."""
-    return -F.logsigmoid(log_odds(logps_chosen) - log_odds(logps_rejected))
+    """Per-pair ``−log σ(log odds(chosen) − log odds(rejected))``, float32 out for fp32/bf16 in.
+
+    A rejected response the model is certain of keeps its gradient (``log_odds``'s
+    ``grad_above_clamp``), a chosen one has none left to get.
+    """
+    return -F.logsigmoid(log_odds(logps_chosen) - log_odds(logps_rejected, grad_above_clamp=True))
 
 
 def simpo_loss(logps_chosen: torch.Tensor, logps_rejected: torch.Tensor, beta: float, gamma: float) -> torch.Tensor:
@@ -102,13 +116,15 @@ def sequence_logps(
     ``[num_sequences]``; the length-averaged log P(y|x) is ``sums / counts``.
     """
     mask = response_mask & (segment_ids >= 0)
-    idx = segment_ids[mask].long()
-    vals = _as_float(token_logps)[mask]
-    sums = torch.zeros(num_sequences, dtype=vals.dtype, device=vals.device).index_add_(0, idx, vals)
-    counts = torch.zeros(num_sequences, dtype=vals.dtype, device=vals.device).index_add_(
-        0, idx, torch.ones_like(vals)
+    # Positions outside the mask go to one extra bin, dropped after: boolean-mask indexing would
+    # need the device to say how many positions there are (a host sync); this has a known size.
+    idx = torch.where(mask, segment_ids.long(), num_sequences).reshape(-1)
+    vals = _as_float(token_logps).reshape(-1)
+    sums = torch.zeros(num_sequences + 1, dtype=vals.dtype, device=vals.device).index_add_(0, idx, vals)
+    counts = torch.zeros(num_sequences + 1, dtype=vals.dtype, device=vals.device).index_add_(
+        0, idx, mask.reshape(-1).to(vals.dtype)
     )
-    return sums, counts
+    return sums[:num_sequences], counts[:num_sequences]
 
 
 def nll_target_mask(
@@ -196,7 +212,8 @@ def pair_logps(
         chosen=logps[:num_pairs], rejected=logps[num_pairs:],
         chosen_sum=sums[:num_pairs], rejected_sum=sums[num_pairs:],
         chosen_tokens=counts[:num_pairs], rejected_tokens=counts[num_pairs:],
-        nll_sum=-_as_float(token_logps)[nll_mask].sum(), nll_tokens=nll_mask.sum(), num_pairs=num_pairs,
+        nll_sum=-torch.where(nll_mask, _as_float(token_logps), 0.0).sum(), nll_tokens=nll_mask.sum(),
+        num_pairs=num_pairs,
     )
 
 
@@ -245,15 +262,18 @@ def orpo_loss(
         )
 
 
-def token_logps_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def token_logps_from_logits(logits: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor | None = None
+                            ) -> torch.Tensor:
     """log P(label) per position, in float32; 0 where ``labels == -100`` (no target).
 
     ``labels`` are already aligned with ``logits`` (position t predicts ``labels[t]``). Only the
     positions with a target are upcast to float32, never the whole ``[.., T, V]`` tensor: with
-    prompts and padding excluded that is often less than half of it.
+    prompts and padding excluded that is often less than half of it. ``keep``: the flat indices of
+    those positions, if already known (``PreferenceBatch.targets``, built on the CPU).
     """
     flat_labels = labels.reshape(-1)
-    keep = (flat_labels != -100).nonzero(as_tuple=True)[0]
+    if keep is None:
+        keep = (flat_labels != -100).nonzero(as_tuple=True)[0]  # a host sync on a GPU
     rows = logits.reshape(-1, logits.shape[-1]).index_select(0, keep).float()
     picked = -F.cross_entropy(rows, flat_labels.index_select(0, keep), reduction="none")
     out = torch.zeros(flat_labels.shape, dtype=torch.float32, device=logits.device)

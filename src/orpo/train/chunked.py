@@ -60,6 +60,7 @@ def chunked_token_logps(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
+    _check_whole(weight)
     if dtype is None:
         dtype = compute_dtype(hidden.device.type, weight.dtype)
     # Only the hidden states need a gradient (a frozen head; never under no_grad, as in evaluation)
@@ -73,11 +74,17 @@ def compute_dtype(device_type: str, weight_dtype: torch.dtype) -> torch.dtype:
     return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight_dtype
 
 
-def _logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, transform: LogitTransform,
-            dtype: torch.dtype) -> torch.Tensor:
-    """One chunk's float32 logits (the only ``[chunk, V]`` tensors live at a time are this and its grad)."""
-    z = torch.nn.functional.linear(h.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
-    return transform.apply(z.float())
+def _check_whole(weight: torch.Tensor) -> None:
+    """A partitioned parameter (DeepSpeed ZeRO-3 outside its module's forward) has no data: say so."""
+    if weight.numel() == 0:
+        raise RuntimeError("the LM head's weight is empty here (a ZeRO-3 partitioned parameter, freed after the "
+                           "head's forward): the chunked head cannot run; use train.logps: full")
+
+
+def _logits(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, transform: LogitTransform) -> torch.Tensor:
+    """One chunk's float32 logits from the head already cast to the compute dtype (the only
+    ``[chunk, V]`` tensors live at a time are this and its grad)."""
+    return transform.apply(torch.nn.functional.linear(h.to(w.dtype), w, b).float())
 
 
 def _grad_logits(z: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor, g: torch.Tensor | float,
@@ -108,11 +115,12 @@ class _ChunkedTokenLogps(torch.autograd.Function):
         logps = torch.empty(m, dtype=torch.float32, device=hidden.device)
         lse = torch.empty(m, dtype=torch.float32, device=hidden.device)
         dlogp_dh = torch.empty_like(hidden) if h_only else None
-        w = weight.to(dtype) if dlogp_dh is not None else None
+        # one cast of the head per forward (at 128k x 4096 in bf16 a 1 GiB copy), not one per chunk
+        w, b = weight.to(dtype), None if bias is None else bias.to(dtype)
         with torch.autocast(hidden.device.type, enabled=False):
             for s in range(0, m, chunk_size):
                 rows = slice(s, s + chunk_size)
-                z = _logits(hidden[rows], weight, bias, transform, dtype)
+                z = _logits(hidden[rows], w, b, transform)
                 torch.logsumexp(z, dim=-1, out=lse[rows])
                 picked = z.gather(1, targets[rows, None]).squeeze(1)
                 torch.sub(picked, lse[rows], out=logps[rows])
@@ -126,6 +134,7 @@ class _ChunkedTokenLogps(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_logps):
         hidden, weight, bias, targets, lse, dlogp_dh = ctx.saved_tensors
+        _check_whole(weight)
         if dlogp_dh is not None:
             return (dlogp_dh * grad_logps[:, None].to(dlogp_dh.dtype), None, None, None, None, None, None, None)
         transform, chunk, dtype = ctx.transform, ctx.chunk_size, ctx.dtype
@@ -134,12 +143,13 @@ class _ChunkedTokenLogps(torch.autograd.Function):
         # Sum the weight's gradient over chunks in float32: a bf16 running sum would round at every chunk.
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
-        w = weight.to(dtype)
+        # one cast of the head per backward, as in the forward
+        w, b = weight.to(dtype), None if bias is None else bias.to(dtype)
         with torch.autocast(hidden.device.type, enabled=False):
             for s in range(0, hidden.shape[0], chunk):
                 rows = slice(s, s + chunk)
                 h = hidden[rows].to(dtype)
-                z = _logits(h, weight, bias, transform, dtype)
+                z = _logits(h, w, b, transform)
                 dz = _grad_logits(z, lse[rows], targets[rows], grad_logps[rows].float(), transform).to(dtype)
                 del z
                 if grad_h is not None:

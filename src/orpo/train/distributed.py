@@ -96,20 +96,41 @@ def rank0_loads_weights(env: dict[str, str] | os._Environ = os.environ) -> bool:
             and env.get("FSDP_CPU_RAM_EFFICIENT_LOADING", "false").lower() == "true")
 
 
-def fsdp2_plugin(cpu_offload: bool, rank0_loads: bool = False):
+def fsdp2_plugin(cpu_offload: bool, rank0_loads: bool = False, mixed_precision: str = "no"):
     """Accelerate's FSDP plugin for FSDP2: per-decoder-layer wrapping, resharded after forward.
 
     Activation checkpointing stays with transformers (``model.gradient_checkpointing``) so it is
     one mechanism in every engine; the state dict type is unused (checkpoints go through
-    ``torch.distributed.checkpoint`` in ``checkpoint.py``).
+    ``torch.distributed.checkpoint`` in ``checkpoint.py``). Under bf16/fp16 the gradients are
+    still reduced in float32, as ``shard_model`` does: left to itself Accelerate reduces them in
+    the 16-bit dtype, so the GPU run would sum them less precisely than the CPU one.
     """
     from accelerate.utils import FullyShardedDataParallelPlugin
 
     return FullyShardedDataParallelPlugin(
         fsdp_version=2, auto_wrap_policy="transformer_based_wrap", reshard_after_forward=True,
         cpu_offload=cpu_offload, activation_checkpointing=False, cpu_ram_efficient_loading=rank0_loads,
-        state_dict_type="SHARDED_STATE_DICT",
+        state_dict_type="SHARDED_STATE_DICT", mixed_precision_policy=fsdp2_mixed_precision(mixed_precision),
     )
+
+
+def fsdp2_mixed_precision(mixed_precision: str):
+    """FSDP2's policy for ``train.mixed_precision``: 16-bit compute, float32 gradient reduction
+    (None without mixed precision: the weights' own dtype throughout)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    param_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision)
+    if param_dtype is None:
+        return None
+    return MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32, output_dtype=param_dtype)
+
+
+def process_group_backend(engine: str, cpu_offload: bool, cuda: bool) -> str | None:
+    """The backend the process group needs (None: Accelerate's default). FSDP2 with CPU offload
+    on GPUs clips gradients that live on the CPU, which NCCL alone cannot reduce: add gloo."""
+    if engine == "fsdp2" and cpu_offload and cuda:
+        return "cuda:nccl,cpu:gloo"
+    return None
 
 
 def deepspeed_plugin(stage: int, cfg: Config, cpu_offload: bool):
@@ -216,28 +237,39 @@ class Engine:
         self.accelerator.backward(loss * scale)
 
     def clip_grad_norm_(self, model, max_norm: float | None) -> torch.Tensor:
-        """Clip the global gradient norm; return it as a plain tensor (for the NaN guard and logs).
+        """Clip the global gradient norm; return it as a plain float32 tensor on the accelerator's
+        device, whatever the engine and Accelerate version, so the trainer can stack it with the
+        loss and read it with ``tolist()`` (which a DTensor refuses).
 
         Under DeepSpeed the engine clips (``gradient_clipping``) inside its step and reports the norm.
         """
         acc = self.accelerator
         if self.deepspeed:
             norm = acc.clip_grad_norm_(model.parameters(), max_norm or math.inf)
-            return torch.as_tensor(float("nan") if norm is None else float(norm))
-        if self.direct_fsdp:
-            from torch.distributed.tensor import DTensor
-
+            norm = torch.tensor(float("nan") if norm is None else float(norm))
+        elif self.direct_fsdp:
             params = [p for p in model.parameters() if p.grad is not None]
-            norm = torch.nn.utils.get_total_norm([p.grad for p in params], 2.0)
-            if isinstance(norm, DTensor):
-                norm = norm.full_tensor()
+            norm = _plain(torch.nn.utils.get_total_norm([p.grad for p in params], 2.0))
             torch.nn.utils.clip_grads_with_norm_(params, max_norm or math.inf, norm)
-            return norm
-        return acc.clip_grad_norm_(model.parameters(), max_norm or math.inf)
+        else:
+            norm = acc.clip_grad_norm_(model.parameters(), max_norm or math.inf)
+        return _plain(norm).to(device=acc.device, dtype=torch.float32)
 
     def unwrap(self, model):
         """The model without DDP/DeepSpeed wrappers (FSDP2 shards in place: the model itself)."""
         return self.accelerator.unwrap_model(model)
+
+
+def _plain(norm: torch.Tensor) -> torch.Tensor:
+    """The norm as a plain tensor: a DTensor gathered (Accelerate 1.15 returns FSDP2's sharded
+    norm as one), any other tensor subclass stripped to its data."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(norm, DTensor):
+        norm = norm.full_tensor()
+    if type(norm) is not torch.Tensor:
+        norm = norm.as_subclass(torch.Tensor)
+    return norm
 
 
 @contextlib.contextmanager
@@ -283,7 +315,7 @@ def build_engine(cfg: Config, env: dict[str, str] | None = None) -> Engine:
         kwargs["deepspeed_plugin"] = deepspeed_plugin(int(name[-1]), cfg, cpu_offload)
         kwargs["gradient_accumulation_steps"] = t.grad_accum
     elif name == "fsdp2" and cuda:
-        kwargs["fsdp_plugin"] = fsdp2_plugin(cpu_offload, rank0_loads_weights(os.environ))
+        kwargs["fsdp_plugin"] = fsdp2_plugin(cpu_offload, rank0_loads_weights(os.environ), t.mixed_precision)
     elif name == "fsdp2":
         direct = True  # Accelerate has no FSDP on the CPU: fully_shard ourselves
         if rank0_loads_weights(os.environ):
@@ -292,6 +324,11 @@ def build_engine(cfg: Config, env: dict[str, str] | None = None) -> Engine:
     # cpu=True only where there is no accelerator at all: without it Accelerate ignores a torchrun
     # launch on a CPU-only machine (each process trains alone, as rank 0 of 1).
     kwargs["cpu"] = not cuda and not torch.backends.mps.is_available()
+    backend = process_group_backend(name, cpu_offload, cuda)
+    if backend is not None:
+        from accelerate.utils import InitProcessGroupKwargs
+
+        kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend=backend)]
     # Accelerate keeps one state per process; a second run in the same process (a notebook, the
     # tests) with another precision or engine would be refused otherwise. The process group stays.
     AcceleratorState._reset_state(reset_partial_state=False)

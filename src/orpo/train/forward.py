@@ -51,7 +51,10 @@ def keep_targets(batch: PreferenceBatch, read: torch.Tensor, keep_mode: str | No
         cols = read.any(dim=0).nonzero().squeeze(1)
         inputs["logits_to_keep"] = cols
         labels, segment_ids, response_mask = labels[:, cols], segment_ids[:, cols], response_mask[:, cols]
-    return replace(batch, inputs=inputs, labels=labels, segment_ids=segment_ids, response_mask=response_mask)
+    # nonzero here, on the CPU: on the device it would wait for the GPU once per micro-batch
+    targets = (labels.reshape(-1) != IGNORE_INDEX).nonzero(as_tuple=True)[0]
+    return replace(batch, inputs=inputs, labels=labels, segment_ids=segment_ids, response_mask=response_mask,
+                   targets=targets)
 
 
 def token_logps(model, batch: PreferenceBatch) -> torch.Tensor:
@@ -62,7 +65,7 @@ def token_logps(model, batch: PreferenceBatch) -> torch.Tensor:
     plan = logps_plan(model)
     if plan is None or not plan.chunked:
         logits = model(**batch.inputs, use_cache=False).logits
-        return token_logps_from_logits(logits, batch.labels)
+        return token_logps_from_logits(logits, batch.labels, batch.targets)
     with HeadCapture(_head_linears(_inner(model)), skip_head=True) as cap:
         model(**batch.inputs, use_cache=False)
     head, hidden, dtype = cap.single()
@@ -70,7 +73,7 @@ def token_logps(model, batch: PreferenceBatch) -> torch.Tensor:
     rows = hidden.reshape(-1, hidden.shape[-1])
     if rows.shape[0] != flat.numel():
         raise RuntimeError(f"the LM head saw {rows.shape[0]} positions but the batch has {flat.numel()} targets")
-    keep = (flat != IGNORE_INDEX).nonzero(as_tuple=True)[0]
+    keep = batch.targets if batch.targets is not None else (flat != IGNORE_INDEX).nonzero(as_tuple=True)[0]
     picked = chunked_token_logps(rows.index_select(0, keep), head.weight, head.bias, flat.index_select(0, keep),
                                  plan.transform, plan.chunk_size, dtype)
     out = torch.zeros(flat.shape, dtype=torch.float32, device=rows.device)
@@ -107,7 +110,8 @@ def default_chunk_size(vocab_size: int, device: torch.device | str = "cpu") -> i
     return max(64, (budget // max(vocab_size, 1)) // 64 * 64)
 
 
-def configure_logps(model, mode: str = "auto", chunk_size: int | None = None) -> LogpsPlan:
+def configure_logps(model, mode: str = "auto", chunk_size: int | None = None, engine: str = "single",
+                    device: torch.device | str | None = None) -> LogpsPlan:
     """Choose how ``token_logps`` runs ``model`` and attach the choice to it (call before wrapping).
 
     ``auto``: chunked where the model allows it, else the full logits with a one-line note;
@@ -116,6 +120,10 @@ def configure_logps(model, mode: str = "auto", chunk_size: int | None = None) ->
     ``modules_to_save``), and a probe forward on four tokens shows that the model's logits are
     that linear layer's output after the scale/soft-cap ``LogitTransform`` read from its config,
     so a model that does something else to its logits is caught here, not trained wrongly.
+    ``engine``: under ZeRO-3 the head's weight exists only during its own forward (DeepSpeed frees
+    a partitioned parameter after it), and the chunked path reads it after the forward and in
+    backward: full logits there. ``device``: where the model will run (a sharding engine moves
+    it there only later), which sets the default chunk size.
     """
     from orpo.config import ConfigError
 
@@ -124,9 +132,11 @@ def configure_logps(model, mode: str = "auto", chunk_size: int | None = None) ->
     plan = LogpsPlan(chunked=False)
     if mode != "full":
         transform, reason = _check_chunked(model)
+        if reason is None and engine == "zero3":
+            reason = "ZeRO-3 frees the LM head's weight after its forward, where the chunked head reads it"
         if reason is None:
             head = _head_linears(_inner(model))[0]
-            chunk_size = chunk_size or default_chunk_size(head.out_features, head.weight.device)
+            chunk_size = chunk_size or default_chunk_size(head.out_features, device or head.weight.device)
             plan = LogpsPlan(chunked=True, chunk_size=chunk_size, transform=transform)
         elif mode == "chunked":
             raise ConfigError(f"train.logps: chunked is not possible for this model: {reason}")

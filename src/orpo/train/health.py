@@ -336,18 +336,23 @@ def perplexity(model, blocks: Sequence[Sequence[int]], batch_size: int, pad_id: 
 
     With several processes, block ``k`` runs on rank ``k mod world`` and the NLL sum and target
     count are all-reduced, so every rank gets the same number (weighted per token, not per block).
+    Every rank runs the same number of forwards, as a sharded model (FSDP2, ZeRO-3) needs: one
+    rank may hold a block more than another, and one batch more; a rank short of a batch runs the
+    first blocks again and discards the result.
     """
     from orpo.loss import token_logps_from_logits
 
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     device = device or (accelerator.device if accelerator else next(model.parameters()).device)
     mine = [b for k, b in enumerate(blocks) if k % world == rank]
+    rounds = math.ceil(math.ceil(len(blocks) / world) / batch_size)
     sums = torch.zeros(2, dtype=torch.float64, device=device)
     was_training = model.training
     model.eval()
     try:
-        for i in range(0, len(mine), batch_size):
-            rows = mine[i : i + batch_size]
+        for i in range(0, rounds * batch_size, batch_size):
+            real = i < len(mine)
+            rows = mine[i : i + batch_size] if real else list(blocks[:batch_size])
             width = max(len(r) for r in rows)
             ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
             labels = torch.full((len(rows), width), -100, dtype=torch.long)
@@ -358,7 +363,8 @@ def perplexity(model, blocks: Sequence[Sequence[int]], batch_size: int, pad_id: 
                 mask[j, : len(r)] = 1
             logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
             logps = token_logps_from_logits(logits, labels.to(device))
-            sums += torch.stack([-logps.sum().double(), (labels != -100).sum().to(device, torch.float64)])
+            if real:
+                sums += torch.stack([-logps.sum().double(), (labels != -100).sum().to(device, torch.float64)])
     finally:
         model.train(was_training)
     if world > 1:
@@ -384,8 +390,8 @@ class GeneralEval(Watcher):
     def eval_metrics(self, trainer: Trainer) -> dict[str, float]:
         t = trainer.cfg.train
         acc = trainer.accelerator
-        # the plain model under the run's autocast: every rank may run a different number of
-        # forwards here, which a DDP wrapper (buffer broadcasts) must not see
+        # the model without its DDP wrapper (no buffer broadcasts for a forward without backward),
+        # under the run's autocast; a sharded one (FSDP2 in place) gathers its weights in each forward
         with acc.autocast():
             ppl, _ = perplexity(acc.unwrap_model(trainer.model), self.blocks, t.eval_batch_size or t.batch_size,
                                 trainer.tokenizer.pad_token_id, accelerator=acc)

@@ -143,6 +143,34 @@ def adapt_model(model, cfg: ModelConfig, tokenizer) -> PreTrainedModel:
     return model
 
 
+# Dropout rates that models read from their config or keep as plain floats and apply functionally
+# (Llama's attention: ``dropout=self.attention_dropout`` in the attention call), so no nn.Dropout shows them.
+_DROPOUT_ATTRS = ("attention_dropout", "attn_dropout", "attn_pdrop", "resid_pdrop", "embd_pdrop", "hidden_dropout",
+                  "dropout", "dropout_p")
+
+
+def disable_dropout(model) -> None:
+    """Every dropout of ``model`` to 0 (``train.disable_dropout``): ``nn.Dropout`` modules (LoRA's too),
+    float rates kept on modules, and the same rates in the model config (read again by a rebuilt layer)."""
+    configs = {}
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        for name in _DROPOUT_ATTRS:
+            if isinstance(getattr(module, name, None), float):
+                setattr(module, name, 0.0)
+        config = getattr(module, "config", None)
+        if config is not None and hasattr(config, "to_dict"):
+            configs[id(config)] = config
+    for config in list(configs.values()):
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        configs[id(text)] = text
+    for sub in configs.values():
+        for name, value in sub.to_dict().items():
+            if ("dropout" in name or name.endswith("pdrop")) and isinstance(value, float) and hasattr(sub, name):
+                setattr(sub, name, 0.0)
+
+
 def enable_checkpointing(model) -> None:
     """Non-reentrant activation checkpointing, enabled after any LoRA wrapping.
 

@@ -10,7 +10,7 @@ objective is one new class here, not edits across the trainer, evaluation and lo
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal, Protocol
 
 import torch
@@ -106,12 +106,13 @@ class ReadsResponses:
         return has_target & read
 
     def nll_tokens(self, batch: PreferenceBatch) -> int:
-        """Tokens this batch adds to the NLL's denominator (call on the CPU batch: no device sync)."""
-        return batch.num_nll_tokens(self.nll_on_prompt)
+        """Tokens this batch adds to the NLL's denominator, counted by ``prepare`` on the CPU (no device sync)."""
+        return batch.nll_tokens if batch.nll_tokens is not None else batch.num_nll_tokens(self.nll_on_prompt)
 
     def prepare(self, batch: PreferenceBatch, keep_mode: str | None = None) -> PreferenceBatch:
-        """Keep only the targets ``loss_mask`` reads (see ``forward.keep_targets``)."""
-        return keep_targets(batch, self.loss_mask(batch), keep_mode)
+        """Keep only the targets ``loss_mask`` reads (see ``forward.keep_targets``) and count the NLL's."""
+        kept = keep_targets(batch, self.loss_mask(batch), keep_mode)
+        return replace(kept, nll_tokens=kept.num_nll_tokens(self.nll_on_prompt))
 
     def pair_logps(self, model, batch: PreferenceBatch) -> PairLogps:
         """One forward of chosen and rejected rows together, reduced to per-pair log-probs."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -45,25 +46,29 @@ def reference_sums(model, dataset, layout: Layout, objective: Any, batch_size: i
     """Summed response log-probs of every pair of ``dataset`` under ``model``: ``{column: [N] float32}``.
 
     Batches are dealt out over processes (batch ``k`` on rank ``k mod world``) and summed, so
-    every rank gets all values. Runs in eval mode (no dropout) under the run's autocast.
+    every rank gets all values. Every rank runs the same number of forwards (a rank short of a
+    batch in the last round repeats one and discards it), as a sharded model needs. ``model`` is
+    the prepared one (wrapped or sharded, on ``accelerator.device``). In eval mode (no dropout)
+    under the run's autocast.
     """
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     device = accelerator.device if accelerator else next(model.parameters()).device
     names = objective.reference_columns
     out = torch.zeros(len(names), len(dataset), dtype=torch.float32, device=device)
+    starts = list(range(0, len(dataset), batch_size))
     was_training = model.training
     model.eval()
     autocast = accelerator.autocast() if accelerator is not None else torch.autocast("cpu", enabled=False)
     try:
         with autocast:
-            for k, start in enumerate(range(0, len(dataset), batch_size)):
-                if k % world != rank:
-                    continue
+            for k in range(rank, world * math.ceil(len(starts) / world), world):
+                start = starts[k] if k < len(starts) else starts[rank % len(starts)]
                 rows = dataset[start : start + batch_size]
                 rows = [dict(zip(rows, vals, strict=True)) for vals in zip(*rows.values(), strict=True)]
                 batch = objective.prepare(layout(rows), keep_mode).to(device)
                 lp = objective.pair_logps(model, batch)
-                out[:, start : start + len(rows)] = torch.stack([lp.chosen_sum, lp.rejected_sum]).float()
+                if k < len(starts):
+                    out[:, start : start + len(rows)] = torch.stack([lp.chosen_sum, lp.rejected_sum]).float()
     finally:
         model.train(was_training)
     if world > 1:
@@ -73,15 +78,17 @@ def reference_sums(model, dataset, layout: Layout, objective: Any, batch_size: i
 
 def add_reference_logps(model, splits: dict[str, Any], layout: Layout, objective: Any, batch_size: int,
                         accelerator=None, keep_mode: str | None = None, cache_dir: Path | None = None,
-                        data_fingerprint: str = "", console=None) -> dict[str, Any]:
+                        data_fingerprint: str = "", console=None, weights_key: str | None = None) -> dict[str, Any]:
     """Each dataset of ``splits`` (None allowed) with the reference columns added; cached in ``cache_dir``.
 
     Call with the starting weights, before a checkpoint is loaded. Every rank must call it.
+    ``weights_key``: their ``weights_fingerprint``, taken before the engine sharded them (default:
+    of ``model`` now).
     """
     folder = None
     if cache_dir is not None:
         precision = accelerator.mixed_precision if accelerator is not None else "no"
-        key = hashlib.sha256(json.dumps({"version": REFERENCE_VERSION, "weights": weights_fingerprint(model),
+        key = hashlib.sha256(json.dumps({"version": REFERENCE_VERSION, "weights": weights_key or weights_fingerprint(model),
                                          "precision": precision, "data": data_fingerprint}).encode())
         folder = Path(cache_dir) / f"reference-{key.hexdigest()[:24]}"
     expected = {f"{split}/{col}": len(ds) for split, ds in splits.items() if ds is not None

@@ -2,8 +2,9 @@
 
 Numbers say whether the model prefers chosen to rejected; a greedy completion next to both shows
 what it learned to write. At each eval the main process completes the first N eval prompts with
-the unwrapped model (no DDP wrapper: generation has no backward and runs on one rank only) and
-appends one row per prompt to ``OUTPUT_DIR/samples.jsonl``: ``step, prompt, completion, chosen,
+the unwrapped model (no DDP wrapper: generation has no backward and runs on one rank only; a
+sharded model, FSDP2 or ZeRO-3, needs every rank in each forward, so there all ranks generate
+the same tokens and the main process writes them) and appends one row per prompt to ``OUTPUT_DIR/samples.jsonl``: ``step, prompt, completion, chosen,
 rejected``; with TensorBoard in ``train.report_to`` the same rows appear as text under ``samples``.
 """
 
@@ -25,25 +26,50 @@ SAMPLES_FILE = "samples.jsonl"
 
 @torch.no_grad()
 def greedy_completions(model, prompts: list[list[int]], max_new_tokens: int, pad_token_id: int | None,
-                       device: torch.device | str) -> list[list[int]]:
-    """The new token ids of a greedy completion of each prompt (one at a time: no padding to get wrong)."""
+                       device: torch.device | str, eos_token_id: int | None = None,
+                       lockstep: bool = False) -> list[list[int]]:
+    """The new token ids of a greedy completion of each prompt (one at a time: no padding to get wrong).
+
+    ``lockstep``: for a sharded model (FSDP2, ZeRO-3), whose every forward gathers weights on all
+    ranks: every rank must call this with the same prompts; each prompt then takes exactly
+    ``max_new_tokens`` forwards (no early stop at EOS, which one rank could reach alone), and the
+    completion is cut after its first ``eos_token_id``.
+    """
     was_training = model.training
     model.eval()
     out = []
     try:
         for ids in prompts:
             input_ids = torch.tensor([ids], dtype=torch.long, device=device)
-            generated = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                                       max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
-                                       pad_token_id=pad_token_id)
-            out.append(generated[0, input_ids.shape[1]:].tolist())
+            if lockstep:
+                new = _fixed_length_greedy(model, input_ids, max_new_tokens)
+                if eos_token_id is not None and eos_token_id in new:
+                    new = new[: new.index(eos_token_id) + 1]
+            else:
+                generated = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                                           max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
+                                           pad_token_id=pad_token_id)
+                new = generated[0, input_ids.shape[1]:].tolist()
+            out.append(new)
     finally:
         model.train(was_training)
     return out
 
 
+def _fixed_length_greedy(model, input_ids: torch.Tensor, max_new_tokens: int) -> list[int]:
+    """Exactly ``max_new_tokens`` greedy tokens with the KV cache: the same forwards on every rank."""
+    result = model(input_ids=input_ids, use_cache=True)
+    new: list[int] = []
+    for i in range(max_new_tokens):
+        token = result.logits[:, -1].argmax(-1, keepdim=True)
+        new.append(int(token))
+        if i + 1 < max_new_tokens:
+            result = model(input_ids=token, past_key_values=result.past_key_values, use_cache=True)
+    return new
+
+
 class EvalSamples(Watcher):
-    """Greedy completions of the first ``num`` eval prompts at every eval, main process only."""
+    """Greedy completions of the first ``num`` eval prompts at every eval, written by the main process."""
 
     def __init__(self, num: int, max_new_tokens: int = 64):
         self.num, self.max_new_tokens = num, max_new_tokens
@@ -58,7 +84,9 @@ class EvalSamples(Watcher):
         path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
 
     def on_eval(self, trainer: Trainer, row: dict[str, Any]) -> None:
-        if not trainer.is_main or trainer.eval_data is None:
+        # A sharded model (FSDP2, ZeRO-3) needs every rank in every forward: all generate, rank 0 writes.
+        sharded = trainer.engine.sharded
+        if trainer.eval_data is None or not (trainer.is_main or sharded):
             return
         data = trainer.eval_data[: self.num]
         tok = trainer.tokenizer
@@ -69,7 +97,10 @@ class EvalSamples(Watcher):
             chosen.append(list(c_ids[c_len:]))
             rejected.append(list(r_ids[r_len:]))
         model = trainer.accelerator.unwrap_model(trainer.model)
-        new = greedy_completions(model, prompts, self.max_new_tokens, tok.pad_token_id, trainer.accelerator.device)
+        new = greedy_completions(model, prompts, self.max_new_tokens, tok.pad_token_id, trainer.accelerator.device,
+                                 eos_token_id=tok.eos_token_id, lockstep=sharded)
+        if not trainer.is_main:
+            return
 
         def text(ids: list[int]) -> str:
             return tok.decode(ids, skip_special_tokens=True)

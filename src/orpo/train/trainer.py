@@ -40,7 +40,7 @@ from rich.console import Console
 from torch.utils.data import DataLoader
 
 from orpo.config import Config, ConfigError
-from orpo.data.collate import TOKEN_COLUMNS, Layout, PreferenceBatch, pair_tokens, resolve_layout
+from orpo.data.collate import TOKEN_COLUMNS, Layout, PreferenceBatch, on_device, pair_tokens, resolve_layout
 from orpo.train import checkpoint as ckpt
 from orpo.train.distributed import Engine, build_engine, estimate_memory, full_state_dict
 from orpo.train.divergence import diverged
@@ -50,6 +50,7 @@ from orpo.train.logger import MetricsLogger, ProgressBar, Throughput, check_repo
 from orpo.train.model import (
     adapt_given_model,
     describe_lora,
+    disable_dropout,
     ensure_pad_token,
     is_peft_model,
     load_model,
@@ -155,8 +156,10 @@ class MicroBatchStream:
             per_epoch, order = len(whole), whole[first:]
             # A DataLoader draws a base seed for its workers from its generator at every iter():
             # give it its own so the global RNG (dropout) is untouched by where the run resumed.
+            # pinned batches let PreferenceBatch.to copy to the GPU without blocking the host
             loader = DataLoader(self.dataset, batch_sampler=order, collate_fn=self.collate,
-                                num_workers=self.num_workers, generator=torch.Generator().manual_seed(self.seed))
+                                num_workers=self.num_workers, generator=torch.Generator().manual_seed(self.seed),
+                                pin_memory=torch.cuda.is_available())
             for i, batch in enumerate(loader):
                 done = first + i + 1
                 yield batch, (DataPosition(epoch, done) if done < per_epoch else DataPosition(epoch + 1, 0))
@@ -272,8 +275,9 @@ class Trainer:
         self._setup_tokenizer()
         self._setup_data()
         self._setup_model()
-        self._setup_reference()
+        starting_weights = self._reference_key()
         self.model, self.optimizer = self.engine.prepare(self.model, partial(build_optimizer, cfg=self.cfg.train))
+        self._setup_reference(starting_weights)
         self._setup_scheduler()
         self._setup_state()
         self._setup_logger()
@@ -340,8 +344,14 @@ class Trainer:
         if not self.cfg.model.load_in_4bit and self.engine.places_model:
             model.to(acc.device)  # before the optimizer, which picks the fused kernel by device
         model.train()
+        # train.disable_dropout (default: on with a reference, as TRL's): the reference log-probs are
+        # of the model without dropout, so the policy's are taken alike
+        off = self.cfg.train.disable_dropout
+        if off or (off is None and bool(getattr(self.objective, "reference_columns", ()))):
+            disable_dropout(model)
         self.keep_mode = logits_keep_mode(model)
-        logps = configure_logps(model, self.cfg.train.logps, self.cfg.train.logps_chunk_size)
+        logps = configure_logps(model, self.cfg.train.logps, self.cfg.train.logps_chunk_size,
+                                engine=self.engine.name, device=acc.device)
         if logps.note:
             self._print(logps.note)
         # Built here, not with the data: a padding-free layout hands attention to the model in the
@@ -365,9 +375,23 @@ class Trainer:
                               "sharded base weights as well; use a pretrained model.name_or_path, or ddp")
         self.model = model
 
-    def _setup_reference(self) -> None:
-        """An objective with a reference (DPO) gets the starting weights' log-probs as columns, before any resume."""
+    def _reference_key(self) -> str | None:
+        """The hash of the starting weights that keys DPO's cached reference log-probs, taken before
+        ``engine.prepare`` shards or wraps them (so every engine and process count shares the cache)."""
         if not getattr(self.objective, "reference_columns", ()):
+            return None
+        from orpo.train.reference import weights_fingerprint
+
+        return weights_fingerprint(self.model)
+
+    def _setup_reference(self, starting_weights: str | None) -> None:
+        """An objective with a reference (DPO) gets the starting weights' log-probs as columns.
+
+        After ``engine.prepare``, so the pass runs where training runs (a sharding engine places the
+        model on the GPUs itself: before prepare it is whole, on the CPU), and before ``_setup_state``
+        loads a checkpoint, so the weights are still the starting ones.
+        """
+        if starting_weights is None:
             return
         from orpo.train.reference import add_reference_logps
 
@@ -376,7 +400,7 @@ class Trainer:
             self.model, {"train": self.train_data, "eval": self.eval_data}, self.layout, self.objective,
             t.eval_batch_size or t.batch_size, self.accelerator, self.keep_mode,
             cache_dir=getattr(self.data, "cache_path", None), data_fingerprint=self.data.fingerprint,
-            console=self.console if self.is_main else None)
+            console=self.console if self.is_main else None, weights_key=starting_weights)
         self.train_data, self.eval_data = splits["train"], splits["eval"]
 
     def _setup_scheduler(self) -> None:
@@ -513,7 +537,9 @@ class Trainer:
     def _micro_batches(self) -> Iterator[tuple[PreferenceBatch, DataPosition]]:
         """This rank's micro-batches from the saved data position on (collated + prepared on the CPU)."""
         t = self.cfg.train
-        collate = partial(_collate, layout=self.layout, objective=self.objective, keep_mode=self.keep_mode)
+        # BlockMasks are built on the model's device, unless workers collate (they cannot use CUDA)
+        layout = on_device(self.layout, self.accelerator.device) if t.num_workers == 0 else self.layout
+        collate = partial(_collate, layout=layout, objective=self.objective, keep_mode=self.keep_mode)
         return iter(MicroBatchStream(self.train_data, collate, self.epoch_order, t.seed, t.num_workers,
                                      DataPosition(self.state.epoch, self.state.micro_batch)))
 
@@ -530,9 +556,10 @@ class Trainer:
         """Accumulate the gradient of the whole step's loss, normalized by the step's global counts."""
         acc = self.accelerator
         device, world = acc.device, acc.num_processes
-        nll_tokens = [self.objective.nll_tokens(b) for b in micro_batches]  # CPU tensors: no sync
-        counts = torch.tensor([sum(nll_tokens), sum(b.num_pairs for b in micro_batches)], dtype=torch.float32,
-                              device=device)
+        nll_tokens = [self.objective.nll_tokens(b) for b in micro_batches]  # counted on the CPU: no sync
+        # built on the CPU, then copied without blocking (torch.tensor(..., device=cuda) would wait)
+        counts = torch.tensor([sum(nll_tokens), sum(b.num_pairs for b in micro_batches)], dtype=torch.float32)
+        counts = counts.to(device, non_blocking=True)
         if world > 1:
             counts = acc.reduce(counts, reduction="sum")
         nll_den, or_den = counts.clamp(min=1).unbind()
