@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from functools import partial
 
 import pytest
 import torch
-from tiny import TINY
+from tiny import TINY, write_short_pairs
 
 from orpo.config import ConfigError, ModelConfig, TrainConfig, load_config
 from orpo.data.collate import PaddedLayout
@@ -18,21 +17,11 @@ from orpo.train.objective import ORPOObjective
 from orpo.train.optim import build_optimizer, build_scheduler, param_groups
 from orpo.train.trainer import Trainer, _collate, epoch_micro_batches
 
-WORDS = "the cat sat on a big red mat and then ran to the park with her little dog who liked to play".split()
-
 
 @pytest.fixture(scope="module")
 def short_pairs(tmp_path_factory):
     """12 short standard-format pairs of varied lengths (HH pairs are all cut to max_length here)."""
-    path = tmp_path_factory.mktemp("data") / "pairs.jsonl"
-    lines = []
-    for i in range(12):
-        words = WORDS[i % 7 :] + WORDS[: i % 5]
-        lines.append(json.dumps({"prompt": " ".join(words[: 3 + i % 4]) + "?",
-                                 "chosen": " ".join(words[: 2 + (i * 5) % 9]) + ".",
-                                 "rejected": " ".join(reversed(words[: 1 + (i * 3) % 11])) + "."}))
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return write_short_pairs(tmp_path_factory.mktemp("data") / "pairs.jsonl", 12)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
