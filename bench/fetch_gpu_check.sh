@@ -12,33 +12,20 @@ PY=${PY:-.venv/bin/python}
 PYVER=3.12
 LIMIT_MIB=40
 DS_VERSION=${DEEPSPEED_VERSION:-0.19.8}
+# replace only a folder this script made (DEST=~ must not empty a home folder)
+if [[ -e "$DEST" && ! -e "$DEST/.made-by-fetch_gpu_check" ]]; then
+  echo "refusing to replace $DEST: it was not made by bench/fetch_gpu_check.sh" >&2
+  exit 2
+fi
 rm -rf "$DEST"
 mkdir -p "$DEST/wheels"
+touch "$DEST/.made-by-fetch_gpu_check"
 W=$(realpath "$DEST/wheels")
-PLAT=(--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64)
+source bench/wheels.sh
 
-# orpo's own needs and datasets' (the list of bench/fetch_gpu_wheels.sh without trl and liger-kernel),
-# plus what DeepSpeed imports (hjson, ninja, py-cpuinfo; pydantic is above)
-PURE=(
-  datasets==4.7.0 dill==0.4.0 multiprocess==0.70.18 fsspec==2026.2.0 filelock
-  pydantic==2.12.5 annotated-types typing-inspection typing-extensions
-  rich markdown-it-py mdurl pygments
-  requests charset-normalizer idna urllib3 certifi
-  httpx httpcore h11 anyio
-  python-dateutil six pytz tzdata
-  tqdm jinja2 packaging hjson py-cpuinfo
-)
-BINARY=(pydantic-core==2.41.5 xxhash pandas==2.3.3 psutil markupsafe pyyaml ninja)
-for pkg in "${PURE[@]}"; do
-  "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version $PYVER --implementation py \
-    --platform any -d "$W" "$pkg" 2>/dev/null \
-  || "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version $PYVER --implementation cp \
-    "${PLAT[@]}" -d "$W" "$pkg"
-done
-for pkg in "${BINARY[@]}"; do
-  "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version $PYVER --implementation cp \
-    --abi cp312 --abi abi3 --abi none "${PLAT[@]}" -d "$W" "$pkg"
-done
+# orpo's own needs and datasets', plus what DeepSpeed imports (hjson, ninja, py-cpuinfo)
+download_pure "$PY" $PYVER "$W" "${RUNTIME_PURE[@]}" hjson py-cpuinfo
+download_binary "$PY" $PYVER "$W" "${RUNTIME_BINARY[@]}" ninja
 
 # DeepSpeed is an sdist on PyPI; its setup.py imports torch, so build against .venv's torch, no ops
 # (ZeRO-2/3 with orpo's torch AdamW needs none): a py3-none-any wheel.
@@ -53,7 +40,7 @@ fi
 
 # bitsandbytes ships a library per CUDA version (~20 MiB each): keep only CUDA 13's (torch is cu130)
 if "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version $PYVER --implementation cp \
-     --abi cp312 --abi abi3 --abi none --platform manylinux_2_24_x86_64 "${PLAT[@]}" -d "$tmp/bnb" bitsandbytes; then
+     --abi cp312 --abi abi3 --abi none --platform manylinux_2_24_x86_64 "${MANYLINUX[@]}" -d "$tmp/bnb" bitsandbytes; then
   whl=$(ls "$tmp"/bnb/bitsandbytes-*.whl)
   mkdir "$tmp/bnb/x"
   (cd "$tmp/bnb/x" && unzip -q "$whl")

@@ -30,3 +30,30 @@ def test_cpu_dry_run(tmp_path, stories_dir, hh_path):
         if r["status"] == "skipped":
             assert r["reason"]
     assert proc.returncode == 0, proc.stdout[-3000:]
+
+
+def _gpu_check():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_check", REPO / "bench" / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_stage_gets_what_is_left_of_the_budget_at_most(tmp_path, monkeypatch):
+    """The check fits its lease: a stage is cut at the budget's end, and one with too little left is skipped."""
+    import sys
+    import time
+
+    gpu_check = _gpu_check()
+    monkeypatch.setattr(gpu_check, "MIN_STAGE_S", 1)
+    check = gpu_check.Check(tmp_path, dry=True, budget=3)
+    t0 = time.monotonic()
+    status, _ = check.sh([sys.executable, "-c", "import time; time.sleep(60)"], timeout=600)
+    assert status == "timeout" and time.monotonic() - t0 < 10
+    status, seconds = check.sh([sys.executable, "-c", "pass"], timeout=600)
+    assert (status, seconds) == ("skipped", 0.0)
+    row = check.record("late", status, seconds)
+    assert row["reason"] == "over the check's 3 s budget"
+

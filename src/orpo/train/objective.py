@@ -279,21 +279,44 @@ class MetricSums:
         self.terms = objective.terms
         self.keys = [t.name for t in self.terms] + list(objective.pair_metrics)
         self.sums = torch.zeros(len(self.keys), dtype=torch.float64, device=device)
-        self.counts = [0, 0, 0]
+        self._counts = [0, 0, 0]
+        self._reduced_counts: torch.Tensor | None = None
 
     def add(self, out: ObjectiveOutput, nll_tokens: int, tokens: int) -> None:
         values = {**out.term_sums, **out.pair_sums}
         self.sums += torch.stack([values[k].to(self.sums.device) for k in self.keys]).to(torch.float64)
-        self.counts = [self.counts[0] + out.num_pairs, self.counts[1] + nll_tokens, self.counts[2] + tokens]
+        c = self.counts
+        self._counts = [c[0] + out.num_pairs, c[1] + nll_tokens, c[2] + tokens]
 
     def reduce(self, accelerator) -> None:
-        """Sum over processes (no-op on one): one all-reduce of sums and counts together."""
+        """Sum over processes (no-op on one): one all-reduce of sums and counts together.
+
+        The global counts stay on the device until read (``counts``), or until the caller reads
+        them back with its own transfer (``unread_counts`` + ``settle``), so reducing never syncs.
+        """
         if accelerator is None or accelerator.num_processes == 1:
             return
-        counts = torch.tensor(self.counts, dtype=torch.float64, device=self.sums.device)
+        counts = torch.tensor(self.counts, dtype=torch.float64).to(self.sums.device, non_blocking=True)
         both = accelerator.reduce(torch.cat([self.sums, counts]), reduction="sum")
-        self.sums = both[: len(self.keys)]
-        self.counts = [int(x) for x in both[len(self.keys) :].tolist()]
+        self.sums, self._reduced_counts = both[: len(self.keys)], both[len(self.keys) :]
+
+    def unread_counts(self) -> torch.Tensor:
+        """The reduced counts still on the device (empty if there are none), for a caller's one readback."""
+        if self._reduced_counts is None:
+            return self.sums.new_zeros(0)
+        return self._reduced_counts
+
+    def settle(self, counts: list[float]) -> None:
+        """Take the values of ``unread_counts`` the caller read back."""
+        if self._reduced_counts is not None:
+            self._counts, self._reduced_counts = [int(x) for x in counts], None
+
+    @property
+    def counts(self) -> list[int]:
+        """Pairs, response tokens the NLL averages over, and real tokens (over all processes once reduced)."""
+        if self._reduced_counts is not None:
+            self.settle(self._reduced_counts.tolist())  # a host sync, unless the caller settled them
+        return self._counts
 
     @property
     def total_loss(self) -> torch.Tensor:

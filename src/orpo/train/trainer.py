@@ -549,7 +549,7 @@ class Trainer:
         grad_norm = self.engine.clip_grad_norm_(self.model, self.cfg.train.max_grad_norm)
         sums.reduce(self.accelerator)
         lr = self.scheduler.get_last_lr()[0]
-        self._optimizer_step(sums.total_loss, grad_norm)
+        self._optimizer_step(sums, grad_norm)
         return StepOutput(sums=sums, grad_norm=grad_norm.detach(), lr=lr)
 
     def _forward_backward(self, micro_batches: list[PreferenceBatch]) -> MetricSums:
@@ -573,7 +573,7 @@ class Trainer:
             sums.add(out, nll_tokens=n_tok, tokens=batch.num_tokens())
         return sums
 
-    def _optimizer_step(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
+    def _optimizer_step(self, sums: MetricSums, grad_norm: torch.Tensor) -> None:
         """Update the weights unless the step's loss or gradient norm is not finite.
 
         A skipped step zeroes the gradients and leaves weights and AdamW moments as they were;
@@ -581,9 +581,12 @@ class Trainer:
         (and a resumed run agrees with an uninterrupted one). Under fp16 an infinite gradient
         norm with a finite loss is the GradScaler's own overflow signal: it skips the update and
         lowers the scale, and the step counts as skipped but not as bad.
-        This is the loop's one host sync per optimizer step.
+        This is the loop's one host sync per optimizer step; with several processes it also reads
+        back the step's global counts.
         """
-        loss_ok, norm_ok = torch.stack([torch.isfinite(loss), torch.isfinite(grad_norm)]).tolist()
+        finite = torch.stack([torch.isfinite(sums.total_loss), torch.isfinite(grad_norm)]).to(torch.float64)
+        loss_ok, norm_ok, *counts = torch.cat([finite, sums.unread_counts()]).tolist()
+        sums.settle(counts)
         if loss_ok and (norm_ok or self.accelerator.scaler is not None):
             self.optimizer.step()
             skipped, bad = bool(getattr(self.optimizer, "step_was_skipped", False)), False
