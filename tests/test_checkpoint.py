@@ -15,7 +15,7 @@ from tiny import TINY
 
 from orpo.cli import main
 from orpo.config import load_config
-from orpo.train import ResumeError, Trainer, list_checkpoints, read_metrics
+from orpo.train import ResumeError, Trainer, list_checkpoints, read_metrics, resume
 from orpo.train import checkpoint as ckpt
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -164,26 +164,26 @@ def test_resume_accepts_another_process_count_with_the_same_global_batch(tmp_pat
     cfg = _cfg(tmp_path / "out", stories_dir, hh_path, batch_size=bs)
     folder = _fake_checkpoint(tmp_path / "step-2", cfg, old_n, old_bs)
     if ok:
-        state = ckpt.check_resume_compatible(folder, cfg, "fp", n, "fsdp2", _per_epoch(16))
+        state = resume.check_resume_compatible(folder, cfg, "fp", n, "fsdp2", _per_epoch(16))
         assert state.step == 2
     else:
         with pytest.raises(ResumeError, match="global micro-batch"):
-            ckpt.check_resume_compatible(folder, cfg, "fp", n, "fsdp2", _per_epoch(16))
+            resume.check_resume_compatible(folder, cfg, "fp", n, "fsdp2", _per_epoch(16))
 
 
 def test_resume_refuses_what_changes_the_data_order_or_the_zero_files(tmp_path, stories_dir, hh_path):
     bs1, bs2, bs4 = (_cfg(tmp_path / "out", stories_dir, hh_path, batch_size=b) for b in (1, 2, 4))
     with pytest.raises(ResumeError, match="set train.batch_size=2 to keep it"):
-        ckpt.check_resume_compatible(_fake_checkpoint(tmp_path / "a", bs1, 1, 2), bs1, "fp", 1, "fsdp2", _per_epoch(9))
+        resume.check_resume_compatible(_fake_checkpoint(tmp_path / "a", bs1, 1, 2), bs1, "fp", 1, "fsdp2", _per_epoch(9))
     # 9 rows in global micro-batches of 4: the last (1 row) is kept by 1 process, dropped by 2
     with pytest.raises(ResumeError, match="last, short micro-batch"):
-        ckpt.check_resume_compatible(_fake_checkpoint(tmp_path / "b", bs2, 1, 4), bs2, "fp", 2, "fsdp2", _per_epoch(9))
+        resume.check_resume_compatible(_fake_checkpoint(tmp_path / "b", bs2, 1, 4), bs2, "fp", 2, "fsdp2", _per_epoch(9))
     budget = _cfg(tmp_path / "out", stories_dir, hh_path, batch_size=4, max_tokens_per_batch=100)
     with pytest.raises(ResumeError, match="with train.max_tokens_per_batch the global batch is a number of"):
-        ckpt.check_resume_compatible(_fake_checkpoint(tmp_path / "d", budget, 2, 2), budget, "fp", 1, "fsdp2",
+        resume.check_resume_compatible(_fake_checkpoint(tmp_path / "d", budget, 2, 2), budget, "fp", 1, "fsdp2",
                                      _per_epoch(16))
     with pytest.raises(ResumeError, match="ZeRO checkpoints resume with the same engine and process count"):
-        ckpt.check_resume_compatible(_fake_checkpoint(tmp_path / "c", bs4, 2, 2, engine="zero3"), bs4, "fp", 1,
+        resume.check_resume_compatible(_fake_checkpoint(tmp_path / "c", bs4, 2, 2, engine="zero3"), bs4, "fp", 1,
                                      "single", _per_epoch(16))
 
 

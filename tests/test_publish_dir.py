@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from orpo.train import checkpoint
-from orpo.train.checkpoint import atomic_dir, publish_dir
+from orpo import disk as checkpoint
+from orpo.disk import atomic_dir, publish_dir
 
 
 def _folder(path: Path, text: str) -> Path:

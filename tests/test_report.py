@@ -100,7 +100,9 @@ def test_report_writes_pngs_and_one_self_contained_page(runs, tmp_path):
     # self-contained: every image inlined, nothing fetched from anywhere
     inlined = re.findall(r"src='data:image/png;base64,([A-Za-z0-9+/=]+)'", text)
     assert sorted(base64.b64decode(x) for x in inlined) == sorted((out / n).read_bytes() for n in pngs)
-    assert not re.search(r"(src|href)=['\"](?!data:)", text) and "http" not in text
+    assert not re.search(r"(src|href)=['\"](?!data:)", text) and not re.search(r"(https?|ftp)://", text)
+    # and runs no script: the Content-Security-Policy says so before anything else
+    assert "<meta http-equiv='Content-Security-Policy' content=\"default-src 'none';" in text
     # both runs, told apart although both folders are called "orpo"; their config, data, samples
     assert "a/orpo" in text and "b/orpo" in text and "sft" in text
     assert "Samples at step 4" in text and "held out from train" in text and "objective: sft" in text

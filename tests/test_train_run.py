@@ -134,12 +134,16 @@ def test_resume_refusals(reference, tmp_path, stories_dir, hh_path):
     assert list_checkpoints(out) == [] and not (out / "final").exists()
 
 
-def test_resuming_a_finished_run_adds_nothing(reference, tmp_path, stories_dir, hh_path):
+def test_resuming_a_finished_run_says_so_and_changes_nothing(reference, tmp_path, stories_dir, hh_path):
+    """``resume: auto`` on a finished run with no steps left stops (exit 2), before touching the folder."""
     trainer, rows = reference
     out = tmp_path / "copy"
     shutil.copytree(trainer.output_dir, out)
-    again = _run(_cfg(out, stories_dir, hh_path, resume="auto"))
-    assert again.state.step == 6 and read_metrics(out) == rows  # no second eval row at step 6
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(ResumeError, match="holds a finished run .final/ written at step 6. with nothing left to train"):
+        Trainer(_cfg(out, stories_dir, hh_path, resume="auto"), progress=False).setup()
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert read_metrics(out) == rows
 
 
 def test_final_model_reloads_with_the_same_logits(reference):

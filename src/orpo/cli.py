@@ -59,7 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from orpo.config import ConfigError
     from orpo.data import DataError
-    from orpo.train.checkpoint import SaveFailed
+    from orpo.disk import SaveFailed
     from orpo.train.trainer import TrainingStopped
 
     hf_logging.disable_progress_bar()  # "Loading weights" bars; our own progress is enough

@@ -33,18 +33,22 @@ from typing import Any
 
 import yaml
 
-from orpo.train.checkpoint import write_atomic
-from orpo.train.logger import METRICS_FILE, read_metrics
-from orpo.train.samples import read_samples
+from orpo import disk
+from orpo.train.logger import METRICS_FILE
+from orpo.train.samples import SAMPLES_FILE
 
 # each objective's own loss terms, drawn next to loss and NLL
 OWN_TERMS = ("or_loss", "simpo_loss", "cpo_loss", "dpo_loss")
 FIGURES = ("logps", "loss", "preference", "optim")
 TABLE_KEYS = ("accuracy", "margin", "log_odds_ratio", "logps_chosen", "logps_rejected", "nll_loss")
+# The page runs no script and fetches nothing: its figures are data: URIs, its style inline. A run
+# folder may come from anyone (a copy from another machine), so this backs up the escaping.
+CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; base-uri 'none'; form-action 'none'"
 
 
 class NotARunError(FileNotFoundError):
-    """A folder given to the report is not a training run (no metrics.jsonl with rows)."""
+    """A folder given to the report is not a training run (no metrics.jsonl with rows), or a file of it
+    cannot be read; the message names the file and, where it can, the line."""
 
 
 @dataclass
@@ -62,39 +66,129 @@ class Run:
 
     @property
     def objective(self) -> str:
-        return str(self.config.get("orpo", {}).get("objective", "orpo"))
+        return str((self.config.get("orpo") or {}).get("objective", "orpo"))
 
     @property
     def objective_label(self) -> str:
         """The objective and its strength, e.g. ``orpo λ=0.1`` or ``dpo β=0.1``."""
-        o = self.config.get("orpo", {})
+        o = self.config.get("orpo") or {}
         params = {"orpo": [("λ", o.get("beta"))], "sft": [],
                   "simpo": [("β", o.get("simpo_beta")), ("γ", o.get("simpo_gamma"))],
                   "cpo": [("β", o.get("cpo_beta"))], "dpo": [("β", o.get("dpo_beta"))]}.get(self.objective, [])
-        return " ".join([self.objective] + [f"{k}={v:g}" for k, v in params if v is not None])
+        return " ".join([self.objective] + [f"{k}={_g(v)}" for k, v in params if v is not None])
+
+
+def _g(v: Any) -> str:
+    """A setting as the label shows it: ``0.1`` for a number, the text of anything else (a hand-edited config)."""
+    return f"{v:g}" if _finite(v) and not isinstance(v, bool) else str(v)
 
 
 def load_run(path: str | os.PathLike, name: str | None = None) -> Run:
-    """Read a run folder; ``NotARunError`` (with what is missing) when it is not one."""
+    """Read a run folder; ``NotARunError`` (with what is missing, or which file and line is unreadable)."""
     p = Path(path)
     if not p.is_dir():
-        raise NotARunError(f"{p} is not a run folder: no such directory")
+        raise NotARunError(f"{_shown(p)} is not a run folder: no such directory")
     if not (p / METRICS_FILE).is_file():
-        raise NotARunError(f"{p} is not a run folder: it has no {METRICS_FILE} (give the train.output_dir of a run)")
-    try:
-        rows = read_metrics(p)
-    except json.JSONDecodeError as e:
-        raise NotARunError(f"{p / METRICS_FILE}: line {e.lineno} is not JSON ({e.msg})") from None
+        raise NotARunError(f"{_shown(p)} is not a run folder: it has no {METRICS_FILE} "
+                           "(give the train.output_dir of a run)")
+    rows = _read_rows(p / METRICS_FILE)
     train = [r for r in rows if "loss" in r]
     evals = [r for r in rows if "eval_loss" in r]
     if not train and not evals:
-        raise NotARunError(f"{p} is not a run folder yet: {METRICS_FILE} has no metric rows")
-    config = yaml.safe_load((p / "config.yaml").read_text()) if (p / "config.yaml").is_file() else {}
+        raise NotARunError(f"{_shown(p)} is not a run folder yet: {METRICS_FILE} has no metric rows")
     summary = p / "data_summary.json"
     return Run(name=name or p.name, path=p, train=train, evals=evals,
-               warnings=[r for r in rows if "warning" in r], config=config or {},
-               data_summary=json.loads(summary.read_text()) if summary.is_file() else None,
-               samples=read_samples(p))
+               warnings=[r for r in rows if "warning" in r], config=_read_config(p / "config.yaml"),
+               data_summary=_read_json(summary) if summary.is_file() else None,
+               samples=_read_rows(p / SAMPLES_FILE) if (p / SAMPLES_FILE).is_file() else [])
+
+
+# ------------------------------------------------------------------------------ reading
+# A run folder may be a copy from anywhere: each reader checks the shape the report relies on, so a
+# bad file is one NotARunError naming file and line (the CLI's exit 2), not a traceback mid-page.
+
+
+def _shown(p: Path | str) -> str:
+    """A path for a one-line message: quoted when it holds a newline or another unprintable character."""
+    return str(p) if str(p).isprintable() else ascii(str(p))
+
+
+def _read_text(path: Path) -> str:
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise NotARunError(f"{_shown(path)}: cannot read: {e.strerror or e}") from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise NotARunError(f"{_shown(path)} line {line}: not UTF-8 (byte {e.start}: {e.reason})") from None
+
+
+def _read_rows(path: Path) -> list[dict[str, Any]]:
+    """The rows of a run's JSON Lines file, each an object with an integer ``step``.
+
+    Lines end at ``\\n`` only (samples are written with ``ensure_ascii=False``, so a U+2028 in a
+    completion is text). A last line without its newline that is not JSON yet is left out: the
+    run is appending it now, or was stopped while it did.
+    """
+    lines = _read_text(path).split("\n")
+    rows = []
+    for n, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"{_shown(path)} line {n}"
+        try:
+            row = json.loads(line)
+        except RecursionError:
+            raise NotARunError(f"{where}: nested too deeply to read") from None
+        except ValueError as e:  # JSONDecodeError, or an integer of more than 4300 digits
+            if n == len(lines):
+                break
+            raise NotARunError(f"{where}: not JSON ({getattr(e, 'msg', e)})") from None
+        if not isinstance(row, dict):
+            raise NotARunError(f"{where}: expected a JSON object, got {type(row).__name__}")
+        step = row.get("step")
+        if not isinstance(step, int) or isinstance(step, bool) or not 0 <= step < 2**63:
+            raise NotARunError(f"{where}: 'step' is missing or not an integer (0 or more)")
+        rows.append(row)
+    return rows
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(_read_text(path))
+    except RecursionError:
+        raise NotARunError(f"{_shown(path)}: nested too deeply to read") from None
+    except json.JSONDecodeError as e:
+        raise NotARunError(f"{_shown(path)} line {e.lineno}: not JSON ({e.msg})") from None
+    except ValueError as e:
+        raise NotARunError(f"{_shown(path)}: not JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise NotARunError(f"{_shown(path)}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    """``config.yaml`` (empty when absent): a mapping, and its ``orpo`` section one too (the label reads it)."""
+    if not path.is_file():
+        return {}
+    try:
+        config = yaml.safe_load(_read_text(path))
+    except RecursionError:
+        raise NotARunError(f"{_shown(path)}: nested too deeply to read") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or " ".join(str(e).split())
+        raise NotARunError(f"{_shown(path)}{line}: not YAML ({problem})") from None
+    if config is None:
+        return {}
+    if not isinstance(config, dict):
+        raise NotARunError(f"{_shown(path)}: expected a mapping of settings, got a {type(config).__name__}")
+    if not isinstance(config.get("orpo") or {}, dict):
+        raise NotARunError(f"{_shown(path)}: orpo: expected a mapping, got a {type(config['orpo']).__name__}")
+    return config
 
 
 def default_names(paths: list[Path]) -> list[str]:
@@ -128,7 +222,11 @@ def run_summary(run: Run) -> dict[str, Any]:
 
 
 def _finite(v: Any) -> bool:
-    return isinstance(v, int | float) and math.isfinite(v)
+    """A number a figure can draw (an integer too large for a float is not one)."""
+    try:
+        return isinstance(v, int | float) and math.isfinite(v)
+    except OverflowError:
+        return False
 
 
 def _sub(a: Any, b: Any) -> float | None:
@@ -204,8 +302,13 @@ def _run_legend(fig, runs: list[Run], colors: list[Any], extra: Sequence[tuple[s
 
 
 def _label(run: Run) -> str:
-    """The run's name and objective, once when the name already says it (``orpo λ=0.1``, not ``orpo (orpo λ=0.1)``)."""
-    return run.objective_label if run.name in run.objective_label else f"{run.name} ({run.objective_label})"
+    """The run's name and objective, once when the name already says it (``orpo λ=0.1``, not ``orpo (orpo λ=0.1)``).
+
+    Dollar signs are escaped: matplotlib reads text between two of them as math, and fails on a bad formula;
+    so is a lone surrogate (a folder name's undecodable byte), which its fonts refuse.
+    """
+    label = run.objective_label if run.name in run.objective_label else f"{run.name} ({run.objective_label})"
+    return _utf8(label).replace("$", r"\$")
 
 
 _TRAIN_EVAL: list[tuple[str, dict[str, Any]]] = [("train", {"linewidth": 1.1, "alpha": 0.6}),
@@ -325,20 +428,27 @@ def write_report(run_dirs: list[Path], out_dir: Path, names: list[str] | None = 
     if names is not None and len(names) != len(run_dirs):
         raise ValueError(f"{len(names)} names for {len(run_dirs)} runs")
     runs = [load_run(p, n) for p, n in zip(run_dirs, names or default_names(run_dirs), strict=True)]
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = disk.expand(out_dir)
+    if any(out_dir.absolute() == p.absolute() for p in run_dirs):
+        raise NotARunError(f"--out {out_dir} is one of the runs: write the report to a folder of its own")
     colors = _colors(len(runs))
     pngs: dict[str, bytes] = {}
     plots = {"logps": plot_logps, "loss": plot_loss, "preference": plot_preference, "optim": plot_optim}
-    for name in FIGURES:
-        fig = plots[name](runs, colors)
-        fig.savefig(out_dir / f"{name}.png", format="png")
-        pngs[name] = (out_dir / f"{name}.png").read_bytes()
     summaries = [run_summary(r) for r in runs]
-    (out_dir / "summary.json").write_text(json.dumps(summaries, indent=2, ensure_ascii=False))
-    page = out_dir / "report.html"
-    write_atomic(page, _html(runs, summaries, pngs, colors).encode("utf-8"))
-    return page
+    # the whole folder, published at once: a report is never half old, half new
+    with disk.publish_owned(out_dir, "report", "orpo report --out", legacy=_legacy_report) as tmp:
+        for name in FIGURES:
+            fig = plots[name](runs, colors)
+            fig.savefig(tmp / f"{name}.png", format="png")
+            pngs[name] = (tmp / f"{name}.png").read_bytes()
+        (tmp / "summary.json").write_text(_utf8(json.dumps(summaries, indent=2, ensure_ascii=False)), encoding="utf-8")
+        (tmp / "report.html").write_text(_html(runs, summaries, pngs, colors), encoding="utf-8")
+    return out_dir / "report.html"
+
+
+def _legacy_report(folder: Path, names: list[str]) -> bool:
+    """A report folder written before markers existed: nothing but a report's own files."""
+    return set(names) <= {"report.html", "summary.json", *(f"{f}.png" for f in FIGURES)} and "report.html" in names
 
 
 _CSS = """
@@ -365,6 +475,7 @@ _CAPTIONS = {
 
 
 def _fmt(v: Any, signed: bool = False) -> str:
+    """A table cell: a float to 3 places, anything else (a value from a run folder) as escaped text."""
     if v is None:
         return "–"
     if isinstance(v, float):
@@ -372,11 +483,22 @@ def _fmt(v: Any, signed: bool = False) -> str:
     return html.escape(str(v))
 
 
+def _text(v: Any) -> str:
+    """A sample's field as text: a string as it is, anything else (a hand-made samples.jsonl) as JSON."""
+    return v if isinstance(v, str) else json.dumps(v, ensure_ascii=False)
+
+
+def _utf8(text: str) -> str:
+    """``text`` that encodes as UTF-8: a lone surrogate (a JSON escape, or a folder name's undecodable byte) is ``?``."""
+    return text.encode("utf-8", "replace").decode("utf-8")
+
+
 def _html(runs: list[Run], summaries: list[dict[str, Any]], pngs: dict[str, bytes], colors: list[Any]) -> str:
     from matplotlib.colors import to_hex
 
     e = html.escape
-    out = ["<!doctype html><html><head><meta charset='utf-8'><title>orpo report</title>",
+    out = [f"<!doctype html><html><head><meta charset='utf-8'><meta http-equiv='Content-Security-Policy' "
+           f"content=\"{CSP}\"><title>orpo report</title>",
            f"<style>{_CSS}</style></head><body>",
            f"<h1>orpo report</h1><p>{len(runs)} run(s), written {datetime.now():%Y-%m-%d %H:%M}. In the "
            "figures, thin lines are train batches (smoothed when there are many steps, the raw values faint "
@@ -403,11 +525,11 @@ def _html(runs: list[Run], summaries: list[dict[str, Any]], pngs: dict[str, byte
                    f"src='data:image/png;base64,{data}'>")
     for run, s in zip(runs, summaries, strict=True):
         out.append(f"<h2>Run {e(run.name)}</h2><p><code>{e(str(run.path))}</code> · {e(run.objective_label)} · "
-                   f"{s['steps']} steps</p>")
+                   f"{_fmt(s['steps'])} steps</p>")
         out.append(_eval_table(s))
         if run.warnings:
             out.append("<h3>Warnings</h3><ul>" + "".join(
-                f"<li>step {w['step']}: <b>{e(str(w['warning']))}</b> {e(str(w.get('message', '')))}</li>"
+                f"<li>step {_fmt(w['step'])}: <b>{e(str(w['warning']))}</b> {e(str(w.get('message', '')))}</li>"
                 for w in run.warnings) + "</ul>")
         out.append(_samples_table(run))
         if run.data_summary:
@@ -415,14 +537,14 @@ def _html(runs: list[Run], summaries: list[dict[str, Any]], pngs: dict[str, byte
         out.append(f"<details><summary>config.yaml</summary><pre>{e(yaml.safe_dump(run.config, sort_keys=False))}"
                    "</pre></details>")
     out.append("</body></html>")
-    return "\n".join(out)
+    return _utf8("\n".join(out))
 
 
 def _eval_table(s: dict[str, Any]) -> str:
     if "final" not in s:
         return "<p>No eval rows (set data.eval or data.eval_fraction, and train.eval_every).</p>"
     head = "".join(f"<th>{k}</th>" for k in TABLE_KEYS)
-    rows = [f"<tr><td class='l'>{label} (step {s[which]['step']})</td>"
+    rows = [f"<tr><td class='l'>{label} (step {_fmt(s[which]['step'])})</td>"
             + "".join(f"<td>{_fmt(s[which].get(k))}</td>" for k in TABLE_KEYS) + "</tr>"
             for label, which in (("final", "final"), ("best", "best"))]
     return f"<table><tr><th class='l'>eval</th>{head}</tr>{''.join(rows)}</table>"
@@ -433,20 +555,24 @@ def _samples_table(run: Run) -> str:
         return "<p>No samples (set train.eval_generate: N to see completions of N eval prompts at each eval).</p>"
     last = max(r["step"] for r in run.samples)
     e = html.escape
-    rows = "".join(f"<tr><td>{e(r['prompt'][-600:])}</td><td>{e(r['completion'])}</td><td>{e(r['chosen'])}</td>"
-                   f"<td>{e(r['rejected'])}</td></tr>" for r in run.samples if r["step"] == last)
-    return (f"<h3>Samples at step {last} (greedy)</h3><table class='sample'><tr><th class='l'>prompt (end)</th>"
+    rows = "".join(f"<tr><td>{e(_text(r.get('prompt'))[-600:])}</td><td>{e(_text(r.get('completion')))}</td>"
+                   f"<td>{e(_text(r.get('chosen')))}</td><td>{e(_text(r.get('rejected')))}</td></tr>"
+                   for r in run.samples if r["step"] == last)
+    return (f"<h3>Samples at step {_fmt(last)} (greedy)</h3><table class='sample'><tr><th class='l'>prompt (end)</th>"
             f"<th class='l'>completion</th><th class='l'>chosen</th><th class='l'>rejected</th></tr>{rows}</table>")
 
 
 def _data_table(d: dict[str, Any]) -> str:
+    """``data_summary.json`` as a table; a field of another shape than the pipeline writes is shown as it is."""
     e = html.escape
-    dropped = ", ".join(f"{k}: {v}" for k, v in d.get("dropped", {}).items()) or "none"
+    dropped = d.get("dropped") or {}
+    dropped = (", ".join(f"{k}: {v}" for k, v in dropped.items()) if isinstance(dropped, dict) else dropped) or "none"
     items = [("source", d.get("source")), ("eval source", d.get("eval_source") or "held out from train"),
              ("format / template", f"{d.get('format')} / {d.get('template')}"), ("pairs", d.get("pairs")),
              ("train / eval", f"{d.get('train_size')} / {d.get('eval_size')}"), ("dropped", dropped),
              ("truncated", d.get("truncated")), ("max_length", d.get("max_length"))]
-    lengths = d.get("lengths", {})
-    items += [(f"{k} tokens p50 / p90 / max", f"{v['p50']} / {v['p90']} / {v['max']}") for k, v in lengths.items()]
+    lengths = d.get("lengths")
+    items += [(f"{k} tokens p50 / p90 / max", f"{v.get('p50')} / {v.get('p90')} / {v.get('max')}"
+               if isinstance(v, dict) else v) for k, v in (lengths.items() if isinstance(lengths, dict) else [])]
     rows = "".join(f"<tr><td class='l'>{e(k)}</td><td class='l'>{e(str(v))}</td></tr>" for k, v in items)
     return f"<h3>Data</h3><table>{rows}</table>"

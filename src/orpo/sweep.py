@@ -24,8 +24,10 @@ from typing import Any
 
 import yaml
 
+from orpo import disk
 from orpo.config import Config, ConfigError, load_config, metric_goal
 
+WHAT = "train.output_dir (the sweep's folder)"
 SHOWN = ("eval_loss", "eval_accuracy", "eval_log_odds_ratio", "eval_margin", "eval_general_ppl")
 
 
@@ -190,6 +192,7 @@ class Sweep:
                 raise ConfigError(f"run {name}: {e}") from None
             self.configs.append(cfg)
             self.runs.append(SweepRun(name=name, values=values, output_dir=str(out)))
+        disk.inspect_folder(self.output_dir, "sweep", WHAT)
 
     def shown_metrics(self) -> list[str]:
         if self.metrics:
@@ -201,8 +204,6 @@ class Sweep:
 
     def write(self) -> str:
         """Rewrite OUTPUT_DIR/sweep/ (sweep.json, sweep.md) as one atomic folder; return the markdown table."""
-        from orpo.train.checkpoint import atomic_dir
-
         table = markdown_table(sort_runs(self.runs, self.sort), list(self.swept), self.shown_metrics())
         done = sum(r.status != "pending" for r in self.runs)
         md = (f"# Sweep of {self.config_path}\n\nSwept: "
@@ -212,7 +213,8 @@ class Sweep:
               f"({'highest' if metric_goal(self.sort) == 'max' else 'lowest'} first).\n\n{table}\n")
         data = {"config": self.config_path, "swept": self.swept, "fixed": self.fixed, "sort": self.sort,
                 "runs": [asdict(r) for r in sort_runs(self.runs, self.sort)]}
-        with atomic_dir(self.output_dir / "sweep") as tmp:
+        disk.claim(self.output_dir, "sweep", WHAT)
+        with disk.atomic_dir(disk.child(self.output_dir, "sweep", WHAT)) as tmp:
             (tmp / "sweep.json").write_text(json.dumps(data, indent=2) + "\n")
             (tmp / "sweep.md").write_text(md)
         return table
@@ -228,6 +230,7 @@ class Sweep:
         for i, (run, cfg) in enumerate(zip(self.runs, self.configs, strict=True)):
             console.print(f"[bold]sweep run {i + 1} of {len(self.runs)}: {run.name}[/bold] "
                           f"({', '.join(f'{k}={v}' for k, v in run.values.items())})", highlight=False)
+            disk.child(self.output_dir, run.name, WHAT)
             try:
                 Trainer(cfg, console=console).setup().train()
                 run.status = "ok"
@@ -255,8 +258,8 @@ class Sweep:
         ran = [r for r in self.runs if (Path(r.output_dir) / "metrics.jsonl").is_file()]
         if not ran:
             return "report: skipped (no run wrote metrics)"
-        out = self.output_dir / "report"
         try:
+            out = disk.child(self.output_dir, "report", WHAT)
             write_report([Path(r.output_dir) for r in ran], out, [r.name for r in ran])
         except Exception as e:  # the runs and the table are done and saved; say why the report is not
             return f"report: failed ({type(e).__name__}: {e}); the table is complete"

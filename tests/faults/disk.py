@@ -36,10 +36,12 @@ class FullDisk:
 
     def _open(self, file, mode="r", *args, **kwargs):
         f = _REAL_OPEN(file, mode, *args, **kwargs)
+        # a descriptor (write_atomic opens with O_NOFOLLOW first): its path, as the kernel knows it
+        name = os.readlink(f"/proc/self/fd/{file}") if isinstance(file, int) else os.fsdecode(file)
         writing = any(c in mode for c in "wax+")
-        if not writing or (self.match is not None and self.match not in os.fsdecode(file)):
+        if not writing or (self.match is not None and self.match not in name):
             return f
-        return _Limited(f, self, os.fsdecode(file))
+        return _Limited(f, self, name)
 
 
 class _Limited:

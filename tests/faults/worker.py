@@ -79,7 +79,9 @@ def _arm(phase: str, nth: int) -> None:
     elif phase == "final-model":  # the model card is written after the weights and the tokenizer
         wrap(card, "model_card", before=lambda *a, **k: True)
     elif phase == "final-publish":
-        wrap(ckpt, "publish_dir", before=lambda tmp, final: Path(final).name == "final")
+        from orpo import disk
+
+        wrap(disk, "publish_dir", before=lambda tmp, final: Path(final).name == "final")
     else:
         raise SystemExit(f"unknown FAULT_PAUSE phase {phase}")
 

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from orpo.data.formats import Pair
-from orpo.data.templates import ChatTemplate
+from orpo.data.templates import ChatTemplate, ChatTemplateError
 
 NEAR_IDENTICAL = 0.05  # max share of differing characters
 MAX_EXAMPLES = 5
@@ -224,5 +224,9 @@ def _render_probe(template: ChatTemplate, tokenizer) -> str:
     compiled = env.from_string(template.jinja or "")
     try:
         return compiled.render(messages=messages, add_generation_prompt=False, bos_token="", eos_token="")
-    except Exception:
-        return compiled.render(messages=messages[1:], add_generation_prompt=False, bos_token="", eos_token="")
+    except Exception:  # a template that refuses a system turn: probe without it
+        try:
+            return compiled.render(messages=messages[1:], add_generation_prompt=False, bos_token="", eos_token="")
+        except Exception as err:
+            raise ChatTemplateError(f"chat template {template.name!r} failed to render: "
+                                    f"{type(err).__name__}: {err}") from None

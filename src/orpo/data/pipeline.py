@@ -30,6 +30,7 @@ from typing import Any, cast
 import datasets
 import numpy as np
 
+from orpo import disk
 from orpo.config import ConfigError, DataConfig, DataSource
 from orpo.data.checks import Finding, LengthBias, find_faults, leak_markers, prompt_overlap
 from orpo.data.formats import NormalizedRows, Pair, normalize
@@ -678,7 +679,8 @@ def _load_cached(path: Path, names: tuple[str, str | None], template: ChatTempla
         summary = DataSummary.from_dict(meta["summary"])
     except (OSError, ValueError, KeyError, TypeError) as err:
         logger.warning("ignoring unreadable data cache %s (%s); rebuilding it", path, err)
-        shutil.rmtree(path, ignore_errors=True)
+        # an entry orpo named and wrote; a link in its place goes, never what it points to
+        disk.remove_tree(path)
         return None
     # the key holds contents, not names: show the names this run used
     (summary.source, summary.eval_source), summary.template = names, template.name

@@ -206,9 +206,14 @@ def _read_bytes(path: Path) -> bytes:
     return path.read_bytes()
 
 
-def _decode(raw: bytes, name: str) -> str:
+def decode_text(raw: bytes, name: str) -> str:
+    """The text of a data file's bytes (a byte-order mark dropped, common in exported CSV/JSON).
+
+    Not UTF-8 is a ``DataError`` naming the file, the line and the byte offset ("in position N"),
+    for every text file the data settings name (``data.general_eval`` too).
+    """
     try:
-        return raw.decode("utf-8-sig")  # tolerate a byte-order mark, common in exported CSV/JSON
+        return raw.decode("utf-8-sig")
     except UnicodeDecodeError as err:
         line = raw.count(b"\n", 0, err.start) + 1
         raise DataError(f"{name}: not valid UTF-8 text (line {line}: {err})") from err
@@ -268,7 +273,7 @@ def _read_jsonl(raw: bytes, name: str) -> RowSource:
     rows: list[dict[str, Any] | UnreadableRow] = []
     line_numbers: list[int] = []
     # split on "\n" only: str.splitlines() would also break at U+2028 inside JSON strings
-    lines = _decode(raw, name).split("\n")
+    lines = decode_text(raw, name).split("\n")
     for line_no, line in enumerate(lines, start=1):
         if not line.strip():
             continue
@@ -286,7 +291,7 @@ def _read_jsonl(raw: bytes, name: str) -> RowSource:
 
 def _read_json(raw: bytes, name: str) -> RowSource:
     try:
-        data = _parse_json(_decode(raw, name))
+        data = _parse_json(decode_text(raw, name))
     except json.JSONDecodeError as err:
         raise DataError(f"{name}: malformed JSON: {err}") from err
     except RecursionError as err:
@@ -300,7 +305,7 @@ def _read_json(raw: bytes, name: str) -> RowSource:
 
 
 def _read_csv(raw: bytes, name: str) -> RowSource:
-    reader = csv.reader(io.StringIO(_decode(raw, name), newline=""))
+    reader = csv.reader(io.StringIO(decode_text(raw, name), newline=""))
     old_limit = csv.field_size_limit(2**31 - 1)  # the default 128 KiB would refuse a long response
     try:
         header = next(reader, [])

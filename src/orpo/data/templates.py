@@ -15,6 +15,7 @@ and the response follows after one space (``" " + response``).
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from dataclasses import dataclass
@@ -106,19 +107,89 @@ def resolve_chat_template(setting: str | None, tokenizer) -> ChatTemplate:
         path = Path(setting).expanduser()
         if not path.is_file():
             raise ChatTemplateError(f"chat template file not found: {setting}")
-        return ChatTemplate(name=setting, jinja=_checked(path.read_text(encoding="utf-8"), setting))
+        return ChatTemplate(name=setting, jinja=_checked(_read_template(path, setting), setting))
     raise ChatTemplateError(f"unknown chat template {setting!r}; choose one of {', '.join(CHOICES)}")
 
 
-def _checked(text: str, where: str) -> str:
-    """Parse the template now, so a syntax error names the file and line before any data work."""
-    import jinja2
-
+def _read_template(path: Path, where: str) -> str:
     try:
-        jinja2.Environment().parse(text)
+        raw = path.read_bytes()
+    except OSError as err:
+        raise ChatTemplateError(f"{where}: cannot read: {err.strerror or err}") from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        raise ChatTemplateError(f"{where}: not UTF-8 text (line {line}, byte {err.start}: {err.reason})") from None
+
+
+@functools.cache
+def _sandbox():
+    """The sandbox transformers renders chat templates in (immutable: no ``list.append``), with its
+    ``raise_exception``."""
+    import jinja2
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str) -> None:
+        raise jinja2.TemplateError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = raise_exception
+    return env
+
+
+def _checked(text: str, where: str) -> str:
+    """Check the template now, so a problem names the file and line before any data work.
+
+    A syntax error, and a reach past the sandbox (``''.__class__``, ``cycler.__init__.__globals__``,
+    ``messages.append(...)``): rendering refuses those with a SecurityError, found here by reading
+    the template and by rendering a small conversation. Other errors a render may raise depend on
+    the data, and are reported when it is rendered.
+    """
+    import jinja2
+    from jinja2 import nodes
+    from jinja2.exceptions import SecurityError
+
+    env = _sandbox()
+    try:
+        tree = env.parse(text)
     except jinja2.TemplateSyntaxError as err:
         raise ChatTemplateError(f"{where}: Jinja syntax error at line {err.lineno}: {err.message}") from None
+    reads = [(node.lineno, name) for node in tree.find_all((nodes.Getattr, nodes.Getitem, nodes.Filter))
+             if (name := _dunder(node))]
+    if reads:
+        line = min(n for n, _ in reads)
+        names = ", ".join(dict.fromkeys(repr(name) for n, name in reversed(reads) if n == line))
+        raise ChatTemplateError(f"{where}: line {line} reads {names}, which the Jinja sandbox refuses "
+                                "(a template may not reach Python internals)")
+    template = env.from_string(text)
+    probes = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
+              {"role": "assistant", "content": "a"}]
+    for messages in (probes, probes[1:], probes[1:2]):
+        for add_generation_prompt in (False, True):
+            try:
+                template.render(messages=messages, add_generation_prompt=add_generation_prompt, bos_token="",
+                                eos_token="")
+            except SecurityError as err:
+                raise ChatTemplateError(f"{where}: refused by the Jinja sandbox: {err}") from None
+            except Exception:  # data-dependent (a template that refuses a system turn): the real render tells
+                pass
     return text
+
+
+def _dunder(node) -> str | None:
+    """The ``__name`` a node reads as an attribute (``x.__class__``, ``x['__class__']``, ``x|attr('__class__')``)."""
+    from jinja2 import nodes
+
+    if isinstance(node, nodes.Getattr):
+        name = node.attr
+    elif isinstance(node, nodes.Getitem) and isinstance(node.arg, nodes.Const):
+        name = node.arg.value
+    elif isinstance(node, nodes.Filter) and node.name == "attr" and node.args and isinstance(node.args[0], nodes.Const):
+        name = node.args[0].value
+    else:
+        return None
+    return name if isinstance(name, str) and name.startswith("__") else None
 
 
 # ------------------------------------------------------------------------------ rendering
@@ -197,6 +268,11 @@ def _plain_prompt(prompt: str | list[Message]) -> str:
     return "\n\n".join([*turns, "Assistant:"])
 
 
+# What a template's own code can raise while rendering (a division by zero, a range over the
+# sandbox's limit, a macro calling itself); TemplateError includes the sandbox's SecurityError.
+_RENDER_ERRORS = (ArithmeticError, LookupError, TypeError, ValueError, RecursionError)
+
+
 def _apply(template: ChatTemplate, tokenizer, messages: list[Any], add_generation_prompt: bool) -> str:
     import jinja2
 
@@ -204,8 +280,9 @@ def _apply(template: ChatTemplate, tokenizer, messages: list[Any], add_generatio
         return tokenizer.apply_chat_template(
             messages, chat_template=template.jinja, tokenize=False, add_generation_prompt=add_generation_prompt
         )
-    except jinja2.TemplateError as err:
-        raise ChatTemplateError(f"chat template {template.name!r} failed to render: {err}") from err
+    except (jinja2.TemplateError, *_RENDER_ERRORS) as err:
+        detail = err if isinstance(err, jinja2.TemplateError) else f"{type(err).__name__}: {err}"
+        raise ChatTemplateError(f"chat template {template.name!r} failed to render: {detail}") from err
 
 
 def _response(template: ChatTemplate, tokenizer, messages: list[Message], response: str, prompt: str) -> str:

@@ -31,20 +31,16 @@ checkpoint is untouched, and the message names the path, the space needed and th
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import errno
 import hashlib
 import io
 import json
-import os
+import pickle
 import random
 import re
-import shutil
-import sys
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -53,7 +49,12 @@ import numpy as np
 import torch
 import yaml
 
-from orpo.config import Config, ConfigError
+from orpo import disk
+from orpo.config import Config
+from orpo.disk import SaveFailed, remove_tree, stop_on_write_error, write_atomic
+from orpo.train.safe_dcp import read_dcp_metadata, safe_planner, safe_reader
+
+__all__ = ["SaveFailed", "TrainState"]
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
@@ -62,14 +63,7 @@ STATE_DIR = "state"
 DEEPSPEED_DIR = "deepspeed"
 MANIFEST_FORMAT = 1
 _STEP_DIR = re.compile(r"^step-(\d+)$")
-
-
-class ResumeError(ConfigError):
-    """Refusing to resume (or to start over) for a reason the user must decide on."""
-
-
-class SaveFailed(RuntimeError):
-    """A checkpoint or model folder could not be written (disk full, I/O error); what was there is intact."""
+WHAT = "train.output_dir"  # the key named when orpo refuses to write into the run folder
 
 
 @dataclass
@@ -96,106 +90,39 @@ class TrainState:
 
     @classmethod
     def from_json(cls, text: str) -> TrainState:
-        return cls(**json.loads(text))
+        """Parse a ``trainer_state.json``; ``ValueError`` naming the key that is unknown or of the wrong type."""
+        data = json.loads(text)
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+        known = {f.name: f for f in fields(cls)}
+        for key, value in data.items():
+            if key not in known:
+                raise ValueError(f"unknown key {key!r} (written by another version of orpo?)")
+            want = _STATE_TYPES[key]
+            if not isinstance(value, want) or (isinstance(value, bool) and bool not in _as_tuple(want)):
+                raise ValueError(f"{key!r} is {type(value).__name__}, not {_type_names(want)}")
+        return cls(**data)
 
 
-# ---------------------------------------------------------------------------------------------
-# Durable writes
+_STATE_TYPES: dict[str, Any] = {
+    "step": int, "epoch": int, "micro_batch": int, "skipped_steps": int, "bad_in_a_row": int, "tokens_seen": int,
+    "best_eval": (dict, type(None)), "last_eval_step": (int, type(None)), "train_seconds": (int, float),
+    "data_fingerprint": str, "num_processes": int, "warnings": dict, "engine": str, "watchers": dict,
+}
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``path`` so that it is either absent/old or complete, and on disk (fsynced) when this returns."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+def _as_tuple(t: Any) -> tuple:
+    return t if isinstance(t, tuple) else (t,)
 
 
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _type_names(t: Any) -> str:
+    return " or ".join("null" if x is type(None) else x.__name__ for x in _as_tuple(t))
 
 
 def _torch_bytes(obj: Any) -> bytes:
     buf = io.BytesIO()
     torch.save(obj, buf)
     return buf.getvalue()
-
-
-@contextmanager
-def atomic_dir(final: Path) -> Iterator[Path]:
-    """Yield a temporary sibling of ``final``; on success rename it to ``final`` (replacing it).
-
-    ``os.rename`` within one directory is atomic, so readers see either the old folder or the new
-    complete one. A failure removes the temporary folder and leaves ``final`` untouched.
-    """
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    publish_dir(tmp, final)
-
-
-def publish_dir(tmp: Path, final: Path) -> None:
-    """Move a finished ``tmp`` folder to ``final``; an existing ``final`` is replaced.
-
-    On Linux an existing ``final`` is swapped with ``tmp`` by one ``renameat2(RENAME_EXCHANGE)``
-    (kernel 3.15+, glibc 2.28+; ext4, xfs, btrfs, tmpfs and most local filesystems), so every
-    lookup of ``final`` finds the old folder or the new one, never nothing, and a crash leaves one
-    of the two in place. Elsewhere (macOS, Windows, NFS and other filesystems without the call)
-    the old folder is first renamed aside to ``.NAME.old``: for a moment ``final`` is missing, and
-    a crash in that moment leaves the old folder under ``.NAME.old``. Neither way gives a reader a
-    snapshot: one that opens ``final/a`` before and ``final/b`` after the swap gets one file of
-    each version. And it orders names, not disk writes: nothing is fsynced, so after a power cut
-    the files of a just-published folder may be incomplete.
-    """
-    if final.exists() and _exchange(tmp, final):
-        shutil.rmtree(tmp)  # the old folder, now under the temporary name
-        return
-    old = None
-    if final.exists():
-        old = final.parent / f".{final.name}.old"
-        if old.exists():
-            shutil.rmtree(old)
-        os.rename(final, old)
-    os.rename(tmp, final)
-    if old is not None:
-        shutil.rmtree(old)
-
-
-_RENAME_EXCHANGE = 2  # linux/fs.h
-_AT_FDCWD = -100
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Atomically swap two existing paths (Linux ``renameat2``); False where that is not available."""
-    if not sys.platform.startswith("linux"):
-        return False
-    libc = ctypes.CDLL(None, use_errno=True)
-    renameat2 = getattr(libc, "renameat2", None)
-    if renameat2 is None:  # a C library without the wrapper (glibc before 2.28)
-        return False
-    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-        return False  # the kernel or this filesystem cannot exchange
-    raise OSError(err, os.strerror(err), str(a), None, str(b))
 
 
 @contextmanager
@@ -212,78 +139,18 @@ def quiet_saving() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-# ---------------------------------------------------------------------------------------------
-# A save that fails
+def resume_hint(output_dir: Path) -> Callable[[Path], str]:
+    """What a failed save's message says next (``disk.stop_on_write_error``): the checkpoint that is intact."""
 
-
-@contextmanager
-def stop_on_write_error(what: str, path: Path, output_dir: Path, accelerator=None,
-                        needed: Callable[[], tuple[int, str]] = lambda: (0, ""),
-                        cleanup: Callable[[], None] | None = None) -> Iterator[None]:
-    """Run one phase of a save's writes; an ``OSError`` on any rank raises ``SaveFailed`` on every rank.
-
-    Every rank leaves the block and then takes part in one collective (which is also the phase's
-    barrier), so no rank waits forever in a later collective for one that failed. The block itself
-    may hold no collective but ``torch.distributed.checkpoint``'s own, which fails on every rank
-    alike. On failure the main process runs ``cleanup`` (remove the unfinished folder) and every
-    rank raises the same message: the path, the error, ``needed()`` (bytes and what the estimate is
-    of) against the free space, what is still intact and how to go on.
-    """
-    from torch.distributed.checkpoint.api import CheckpointException
-
-    error: OSError | None = None
-    try:
-        yield
-    except OSError as e:
-        error = e
-    except CheckpointException as e:  # a DCP write that failed, on any rank: every rank gets it
-        failures = [exc for exc, _ in e.failures.values()]
-        error = next((exc for exc in failures if isinstance(exc, OSError)), None)
-        if error is None:
-            # On a really full disk torch.save inside DCP sees a short write and fails its own
-            # position check (a RuntimeError), not with ENOSPC: tell that case by the free space.
-            if shutil.disk_usage(_existing_parent(path)).free >= needed()[0]:
-                raise
-            first = str(failures[0]).strip().splitlines()[-1] if failures else ""
-            error = OSError(errno.ENOSPC, f"No space left on device ({type(failures[0]).__name__}: {first})")
-    errors = [str(error) if error is not None else None]
-    main = accelerator is None or accelerator.is_main_process
-    if accelerator is not None and accelerator.num_processes > 1:
-        from accelerate.utils import gather_object
-
-        errors = [f"rank {rank}: {e}" for rank, e in enumerate(gather_object(errors)) if e is not None]
-    failed = [e for e in errors if e is not None]
-    if not failed:
-        return
-    if main and cleanup is not None:
-        cleanup()
-    message = f"could not write {what} ({failed[0]})"
-    if error is None or error.errno in (errno.ENOSPC, errno.EDQUOT):
-        size, basis = needed()
-        free = shutil.disk_usage(_existing_parent(path)).free
-        message += (f": it needs about {_mib(size)} ({basis}) and {_mib(free)} are free on that disk" if size
-                    else f": {_mib(free)} are free on that disk")
-    elif error.errno == errno.EIO:
-        message += ": an I/O error, the disk may be failing"
-    newest = list_checkpoints(output_dir)
-    if newest:
-        message += (f"; nothing new was published at {path}, and the newest checkpoint, {newest[-1]}, is "
+    def hint(path: Path) -> str:
+        newest = list_checkpoints(output_dir)
+        if newest:
+            return (f"nothing new was published at {path}, and the newest checkpoint, {newest[-1]}, is "
                     "intact: free some space, then resume with train.resume=auto")
-    else:
-        message += (f"; nothing new was published at {path}, and there is no checkpoint to resume from "
-                    "(train.save_every keeps some): free some space and start over")
-    raise SaveFailed(message) from error
+        return (f"nothing new was published at {path}, and there is no checkpoint to resume from "
+                "(train.save_every keeps some): free some space and start over")
 
-
-def _existing_parent(path: Path) -> Path:
-    path = Path(path).absolute()
-    while not path.exists():
-        path = path.parent
-    return path
-
-
-def _mib(n: int) -> str:
-    return f"{n / 2**20:,.1f} MiB"
+    return hint
 
 
 def tensor_bytes(tensors: Any) -> int:
@@ -379,21 +246,73 @@ def inspect_checkpoint(folder: Path, accelerator=None, checksums: bool = True) -
         status.problem = f"no {MANIFEST}: the save did not finish"
         return status
     try:
-        manifest = json.loads((folder / MANIFEST).read_text())
-        files: dict[str, dict[str, Any]] = manifest["files"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        status.state, status.problem = "damaged", f"{MANIFEST} is unreadable ({e})"
+        manifest = read_manifest(folder)
+    except (OSError, ValueError) as e:
+        status.state, status.problem = "damaged", f"{MANIFEST}: {e}"
         return status
+    files: dict[str, dict[str, Any]] = manifest["files"]
     status.files, status.bytes = len(files), sum(e["size"] for e in files.values())
-    status.num_processes, status.engine = manifest.get("num_processes"), manifest.get("engine")
+    status.num_processes, status.engine = manifest["num_processes"], manifest["engine"]
     problems = _spread(sorted(files), lambda rel: _problem(folder, rel, files[rel], checksums), accelerator)
     found = [p for p in problems if p]
+    if not found:
+        found = [p for p in (_unreadable_state(folder),) if p]
     if found:
         status.state = "damaged"
         status.problem = found[0] + (f" (and {len(found) - 1} more)" if len(found) > 1 else "")
     else:
         status.state = "complete"
     return status
+
+
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def read_manifest(folder: Path) -> dict[str, Any]:
+    """A checkpoint's manifest, checked against its schema; ``ValueError`` saying what is wrong.
+
+    Every entry is a relative path inside the checkpoint (no ``..``, no absolute path, no link out)
+    with an integer size and a sha256, and the files a checkpoint cannot do without are listed: an
+    empty or malformed manifest is damage, not a complete checkpoint.
+    """
+    manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+        raise ValueError("not a manifest (no 'files' mapping)")
+    for key, kind in (("step", int), ("num_processes", int), ("engine", str)):
+        if not isinstance(manifest.get(key), kind) or isinstance(manifest.get(key), bool):
+            raise ValueError(f"'{key}' is missing or not a{'n' if kind is int else ''} {kind.__name__}")
+    root = folder.resolve()
+    for rel, entry in manifest["files"].items():
+        path = Path(rel)
+        if path.is_absolute() or ".." in path.parts or rel in ("", ".") or "\\" in rel:
+            raise ValueError(f"entry {rel!r} is not a path inside the checkpoint")
+        if (folder / path).is_symlink() or not (folder / path).resolve().is_relative_to(root):
+            raise ValueError(f"entry {rel!r} leads out of the checkpoint (a symlink)")
+        if (not isinstance(entry, dict) or not isinstance(entry.get("size"), int) or isinstance(entry["size"], bool)
+                or entry["size"] < 0 or not isinstance(entry.get("sha256"), str) or not _SHA256.match(entry["sha256"])):
+            raise ValueError(f"entry {rel!r} is not {{size: bytes, sha256: hex digest}}")
+    listed = set(manifest["files"])
+    needed = [STATE_FILE, "config.yaml", "scheduler.pt"]
+    if not any(r.startswith(f"{DEEPSPEED_DIR}/") for r in listed):
+        needed.append(f"{STATE_DIR}/.metadata")
+    missing = [n for n in needed if n not in listed]
+    if missing:
+        raise ValueError(f"lists no {', '.join(missing)}")
+    return manifest
+
+
+def _unreadable_state(folder: Path) -> str | None:
+    """What would stop a resume from reading a checkpoint whose files match its manifest (None: nothing)."""
+    try:
+        read_state(folder)
+    except (OSError, ValueError) as e:
+        return f"{STATE_FILE}: {e}"
+    if (folder / STATE_DIR / ".metadata").is_file():
+        try:
+            read_dcp_metadata(folder / STATE_DIR)
+        except (OSError, pickle.UnpicklingError, ValueError, EOFError, TypeError, AttributeError) as e:
+            return f"{STATE_DIR}/.metadata: {e}"
+    return None
 
 
 def checksum_files(folder: Path, accelerator=None) -> dict[str, dict[str, Any]]:
@@ -421,7 +340,9 @@ def step_folders(output_dir: str | Path) -> list[Path]:
     root = checkpoint_root(output_dir)
     if not root.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _STEP_DIR.match(p.name))]
+    # a symlink is not a checkpoint this run wrote: never listed, so never entered or rotated
+    found = [(int(m.group(1)), p) for p in root.iterdir()
+             if p.is_dir() and not p.is_symlink() and (m := _STEP_DIR.match(p.name))]
     return [p for _, p in sorted(found)]
 
 
@@ -431,9 +352,11 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
 
 
 def remove_checkpoint(folder: Path) -> None:
-    """Manifest first: a kill while deleting leaves an incomplete folder, not a complete-looking one."""
-    (folder / MANIFEST).unlink(missing_ok=True)
-    shutil.rmtree(folder, ignore_errors=True)
+    """Manifest first: a kill while deleting leaves an incomplete folder, not a complete-looking one.
+    A symlink in its place is unlinked; what it points to is never entered."""
+    if not folder.is_symlink():
+        (folder / MANIFEST).unlink(missing_ok=True)
+    remove_tree(folder)
 
 
 def rotate_checkpoints(output_dir: str | Path, keep: int | None) -> list[Path]:
@@ -444,7 +367,7 @@ def rotate_checkpoints(output_dir: str | Path, keep: int | None) -> list[Path]:
     """
     root = checkpoint_root(output_dir)
     for leftover in root.glob(".step-*.tmp"):  # the temporary folders of earlier versions
-        shutil.rmtree(leftover, ignore_errors=True)
+        remove_tree(leftover)
     removed = [p for p in step_folders(output_dir) if not (p / MANIFEST).is_file()]
     finished = list_checkpoints(output_dir)
     removed += finished[:-keep] if keep else []
@@ -472,11 +395,13 @@ def save_checkpoint(engine, output_dir: str | Path, model, optimizer, scheduler,
     acc = engine.accelerator
     output_dir = Path(output_dir)
     folder = checkpoint_root(output_dir) / f"step-{state.step}"
-    failing = partial(stop_on_write_error, f"checkpoint {folder}", folder, output_dir, acc,
-                      partial(_checkpoint_bytes, output_dir, engine, model), partial(remove_checkpoint, folder))
+    failing = partial(stop_on_write_error, f"checkpoint {folder}", folder, acc,
+                      partial(_checkpoint_bytes, output_dir, engine, model), partial(remove_checkpoint, folder),
+                      resume_hint(output_dir))
     with failing():
         if acc.is_main_process:
-            if folder.exists():
+            disk.child(output_dir, CHECKPOINTS, WHAT)
+            if folder.exists() or folder.is_symlink():
                 remove_checkpoint(folder)
             folder.mkdir(parents=True)
     with failing():
@@ -557,133 +482,24 @@ def set_rng_state(s: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
-# ---------------------------------------------------------------------------------------------
-# Resume
-
-
-def resolve_resume(cfg: Config, verify: Callable[[Path], CheckpointStatus] = inspect_checkpoint,
-                   report: Callable[[str], None] = print) -> Path | None:
-    """The checkpoint to resume from, or None to start fresh; refuses to clobber a previous run.
-
-    ``auto`` takes the newest complete checkpoint (``verify``: manifest, sizes, checksums) and
-    ``report``s each newer one it skips, by name and reason. An explicit path that is not complete
-    is refused. ``never`` in an output_dir that already has checkpoints (or a final model) is
-    refused unless ``train.overwrite`` is set, in which case the old checkpoints, metrics and final
-    model go.
-    """
-    t = cfg.train
-    out = Path(t.output_dir)
-    if t.resume == "auto":
-        for folder in reversed(step_folders(out)):
-            status = verify(folder)
-            if status.complete:
-                return folder
-            report(f"checkpoint {folder} is {status.state}: {status.problem}; skipped")
-        return None
-    if t.resume != "never":
-        path = Path(t.resume)
-        status = verify(path)
-        if not status.complete:
-            raise ResumeError(f"train.resume: {path} is not a complete checkpoint ({status.state}: {status.problem}). "
-                              f"Finished checkpoints "
-                              f"in {checkpoint_root(out)}: {[p.name for p in list_checkpoints(out)] or 'none'}")
-        return path
-    previous = [p for p in (checkpoint_root(out), out / "final", out / "metrics.jsonl") if p.exists()]
-    has_run = bool(step_folders(out)) or (out / "final").exists()
-    if has_run and not t.overwrite:
-        raise ResumeError(
-            f"{out} already holds a run ({', '.join(p.name for p in previous)}). "
-            "Continue it with train.resume=auto, pick another train.output_dir, "
-            "or set train.overwrite=true to delete it and start over."
-        )
-    return None
-
-
-def clear_previous_run(output_dir: str | Path) -> None:
-    """Remove checkpoints, final and best models, metrics and TensorBoard logs of a run being overwritten."""
-    out = Path(output_dir)
-    for name in (CHECKPOINTS, "final", "best", "tensorboard"):
-        if (out / name).is_dir():
-            shutil.rmtree(out / name)
-    for name in ("metrics.jsonl", "samples.jsonl"):
-        if (out / name).exists():
-            (out / name).unlink()
-
-
-# Settings that change what a step computes or which data it sees: resuming across a change
-# would silently produce a run that matches neither configuration. The data itself (files,
-# template, lengths) is covered by the fingerprint of the tokenized dataset. The batch is checked
-# as a global micro-batch (batch_size x processes), see check_resume_compatible.
-RESUME_KEYS = (
-    "model.name_or_path", "model.init", "model.revision", "model.lora", "model.load_in_4bit",
-    "orpo.objective", "orpo.nll_on_prompt", "train.seed", "train.grad_accum", "train.max_tokens_per_batch",
-)
-
-
 def read_state(ckpt: Path) -> TrainState:
-    return TrainState.from_json((ckpt / STATE_FILE).read_text())
+    return TrainState.from_json((ckpt / STATE_FILE).read_text(encoding="utf-8"))
 
 
 def read_weights(ckpt: Path) -> dict[str, torch.Tensor]:
     """A checkpoint's model tensors, whatever number of processes wrote them, as one plain state dict
     keyed by parameter name; trainable parameters only (a LoRA checkpoint holds the adapter). For
     looking inside a checkpoint; training resumes through ``load_checkpoint``."""
-    import tempfile
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-    with tempfile.TemporaryDirectory() as tmp, _single_process_ok():
-        dcp_to_torch_save(Path(ckpt) / STATE_DIR, Path(tmp) / "state.pt")
-        return torch.load(Path(tmp) / "state.pt", weights_only=False)["model"]
-
-
-def check_resume_compatible(ckpt: Path, cfg: Config, fingerprint: str, num_processes: int, engine: str,
-                            micro_batches_per_epoch: Callable[[int, int], int]) -> TrainState:
-    """Load the checkpoint's state; refuse, listing every difference, if the run has changed.
-
-    Another process count is the same run when the global micro-batch (``batch_size`` x
-    processes) and so the data order over it are unchanged: ``micro_batches_per_epoch(batch_size,
-    processes)`` must agree too (the last, short micro-batch of an epoch is dropped when it has
-    fewer rows than processes). ZeRO checkpoints are DeepSpeed's own files: same engine and
-    process count only.
-    """
-    state = read_state(ckpt)
-    saved = yaml.safe_load((ckpt / "config.yaml").read_text())
-    now = cfg.model_dump(mode="json")
-    diffs = []
-    if state.data_fingerprint != fingerprint:
-        diffs.append(f"data fingerprint: checkpoint {state.data_fingerprint}, now {fingerprint} "
-                     "(the tokenized training data differs)")
-    for key in RESUME_KEYS:
-        a, b = _get(saved, key), _get(now, key)
-        if a != b:
-            diffs.append(f"{key}: checkpoint {a!r}, now {b!r}")
-    old_bs, old_n, bs = saved["train"]["batch_size"], state.num_processes, cfg.train.batch_size
-    if cfg.train.max_tokens_per_batch is not None:
-        if old_n != num_processes:  # a step is grad_accum token-budget micro-batches per process
-            diffs.append(f"processes: checkpoint {old_n}, now {num_processes} (with train.max_tokens_per_batch "
-                         "the global batch is a number of micro-batches per process)")
-    elif old_bs * old_n != bs * num_processes:
-        hint = ""
-        if (old_bs * old_n) % num_processes == 0:
-            hint = f"; set train.batch_size={old_bs * old_n // num_processes} to keep it"
-        diffs.append(f"train.batch_size: checkpoint {old_bs}, now {bs} (global micro-batch: checkpoint {old_bs} x "
-                     f"{old_n} processes = {old_bs * old_n} pairs, now {bs} x {num_processes} = "
-                     f"{bs * num_processes}{hint})")
-    elif micro_batches_per_epoch(old_bs, old_n) != micro_batches_per_epoch(bs, num_processes):
-        diffs.append(f"processes: checkpoint {old_n}, now {num_processes}: the epoch's last, short micro-batch is "
-                     "kept by one and dropped by the other (it has fewer rows than processes)")
-    zero = {state.engine, engine} & {"zero2", "zero3"}
-    if zero and (state.engine != engine or old_n != num_processes):
-        diffs.append(f"engine: checkpoint {state.engine} on {old_n} processes, now {engine} on {num_processes} "
-                     "(ZeRO checkpoints resume with the same engine and process count)")
-    if diffs:
-        raise ResumeError(
-            f"cannot resume from {ckpt}: the run has changed\n  " + "\n  ".join(diffs)
-            + "\nUse another train.output_dir for a new run, or train.resume=never with "
-            "train.overwrite=true to start this one over."
-        )
-    return state
+    # a crafted index fails here, by name, before DCP retries it as per-rank metadata
+    read_dcp_metadata(Path(ckpt) / STATE_DIR)
+    state: dict[str, Any] = {}
+    # what torch's dcp_to_torch_save does, with a reader and planner that unpickle no code
+    with _single_process_ok():
+        _load_state_dict(state, storage_reader=safe_reader(Path(ckpt) / STATE_DIR), planner=safe_planner(rebuild=True),
+                         no_dist=True)
+    return state["model"]
 
 
 def load_checkpoint(engine, ckpt: Path, model, optimizer, scheduler, num_processes_saved: int) -> str | None:
@@ -703,7 +519,7 @@ def load_checkpoint(engine, ckpt: Path, model, optimizer, scheduler, num_process
         # Every trainable tensor must be in the checkpoint (dcp.load raises otherwise); frozen ones
         # are absent on purpose, hence strict=False when handing the state to the model.
         with _single_process_ok():
-            dcp.load(state, checkpoint_id=ckpt / STATE_DIR)
+            dcp.load(state, storage_reader=safe_reader(ckpt / STATE_DIR), planner=safe_planner())
         set_state_dict(engine.unwrap(model), engine.torch_optimizer, model_state_dict=state["model"],
                        optim_state_dict=state["optimizer"],
                        options=StateDictOptions(ignore_frozen_params=True, strict=False))
@@ -715,12 +531,3 @@ def load_checkpoint(engine, ckpt: Path, model, optimizer, scheduler, num_process
         return (f"resumed on {acc.num_processes} processes from a checkpoint of {num_processes_saved}: the data "
                 "order over the global batch and the losses continue; dropout masks (if any) differ")
     return None
-
-
-def _get(d: dict, dotted: str) -> Any:
-    node: Any = d
-    for k in dotted.split("."):
-        if not isinstance(node, dict):
-            return None
-        node = node.get(k)
-    return node

@@ -289,13 +289,13 @@ def read_general_text(path: str | Path) -> list[str]:
     UTF-8 text, one document. Bad input raises ``DataError`` naming the file, line and field.
     """
     from orpo.data import DataError
+    from orpo.data.sources import decode_text
 
     p = Path(path)
     if not p.is_file():
         raise DataError(f"data.general_eval: file not found: {p}")
-    opener = gzip.open if p.suffix == ".gz" else open
-    with opener(p, "rt", encoding="utf-8") as f:
-        text = f.read()
+    raw = gzip.decompress(p.read_bytes()) if p.suffix == ".gz" else p.read_bytes()
+    text = decode_text(raw, str(p))
     if not p.name.removesuffix(".gz").endswith(".jsonl"):
         docs = [text]
     else:
@@ -383,7 +383,7 @@ class GeneralEval(Watcher):
         self.path, self.health = path, health
         self.blocks: list[list[int]] = []
 
-    def on_start(self, trainer: Trainer) -> None:
+    def on_setup(self, trainer: Trainer) -> None:
         docs = read_general_text(self.path)
         self.blocks = general_blocks(docs, trainer.tokenizer, trainer.cfg.data.max_length)
 

@@ -24,7 +24,8 @@ from rich.progress import (
 )
 
 from orpo.config import ConfigError
-from orpo.train.checkpoint import stop_on_write_error, write_atomic
+from orpo.disk import append_text, stop_on_write_error, write_atomic
+from orpo.train.checkpoint import resume_hint
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -72,11 +73,10 @@ class MetricsLogger:
         row = {k: _clean(v) for k, v in row.items()}
         # A full disk stops the run with SaveFailed (exit 5), the row taken back, not a traceback.
         size = self.path.stat().st_size if self.path.exists() else 0
-        with stop_on_write_error(f"the metrics {self.path}", self.path, self.path.parent,
-                                 cleanup=lambda: os.truncate(self.path, size)):
+        with stop_on_write_error(f"the metrics {self.path}", self.path, cleanup=lambda: os.truncate(self.path, size),
+                                 next_step=resume_hint(self.path.parent)):
             # open per row: a few rows per second at most, and nothing stays open if the run dies
-            with self.path.open("a") as f:
-                f.write(json.dumps(row) + "\n")
+            append_text(self.path, json.dumps(row) + "\n")
         step = row["step"]
         scalars = {k: v for k, v in row.items() if k != "step" and isinstance(v, int | float)}
         if self._tb is not None:
@@ -103,14 +103,14 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     p = Path(path)
     if p.is_dir():
         p = p / METRICS_FILE
-    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+    return [json.loads(line) for line in p.read_text(encoding="utf-8").split("\n") if line.strip()]
 
 
 def _rows_up_to(path: Path, step: int) -> list[dict[str, Any]]:
     """Rows up to ``step``; a last line cut short (the run was killed while appending it) is dropped."""
     if not path.exists():
         return []
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]
     rows = []
     for i, line in enumerate(lines):
         try:

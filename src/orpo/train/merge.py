@@ -6,8 +6,9 @@ from pathlib import Path
 
 from transformers import AutoTokenizer
 
+from orpo import disk
 from orpo.config import ConfigError
-from orpo.train.checkpoint import atomic_dir, quiet_saving
+from orpo.train.checkpoint import quiet_saving
 from orpo.train.model import DTYPES, peft_deprecations_silenced
 
 
@@ -20,7 +21,11 @@ def merge_lora(adapter_dir: str | Path, out_dir: str | Path, dtype: str = "auto"
     """
     from peft import AutoPeftModelForCausalLM
 
-    adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
+    adapter_dir, out_dir = disk.expand(adapter_dir), disk.expand(out_dir).absolute()
+    # checked before minutes of loading, not after
+    disk.inspect_folder(out_dir, "model", "orpo merge OUT")
+    if out_dir == adapter_dir.absolute() or adapter_dir.absolute().is_relative_to(out_dir):
+        raise ConfigError(f"orpo merge OUT: {out_dir} holds the adapter {adapter_dir}; write the merged model elsewhere")
     if not (adapter_dir / "adapter_config.json").is_file():
         raise ConfigError(f"{adapter_dir}: no adapter_config.json, not a LoRA adapter folder")
     torch_dtype = "auto" if dtype == "auto" else DTYPES[dtype]
@@ -28,7 +33,7 @@ def merge_lora(adapter_dir: str | Path, out_dir: str | Path, dtype: str = "auto"
         model = AutoPeftModelForCausalLM.from_pretrained(str(adapter_dir), dtype=torch_dtype,
                                                          trust_remote_code=trust_remote_code)
     merged = model.merge_and_unload()
-    with atomic_dir(out_dir) as tmp, quiet_saving():
+    with disk.publish_owned(out_dir, "model", "orpo merge OUT") as tmp, quiet_saving():
         merged.save_pretrained(tmp)
         if (adapter_dir / "tokenizer_config.json").is_file():
             AutoTokenizer.from_pretrained(str(adapter_dir)).save_pretrained(tmp)

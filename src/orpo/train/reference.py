@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from orpo.data.collate import Layout
-from orpo.train.checkpoint import atomic_dir
+from orpo.disk import atomic_dir
 
 REFERENCE_VERSION = 1  # bump when the way reference log-probs are computed changes
 _FILE = "logps.safetensors"

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from orpo import disk
 from orpo.train.watch import Watcher
 
 if TYPE_CHECKING:
@@ -78,10 +79,10 @@ class EvalSamples(Watcher):
         """Start the file afresh, or on resume keep the rows up to the resumed step (as metrics.jsonl)."""
         if not trainer.is_main:
             return
-        path = trainer.output_dir / SAMPLES_FILE
+        path = disk.child(trainer.output_dir, SAMPLES_FILE, "train.output_dir")
         resumed = trainer.resume_from is not None
         kept = [r for r in read_samples(path) if r["step"] <= trainer.state.step] if resumed and path.exists() else []
-        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
+        disk.write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept).encode())
 
     def on_eval(self, trainer: Trainer, row: dict[str, Any]) -> None:
         # A sharded model (FSDP2, ZeRO-3) needs every rank in every forward: all generate, rank 0 writes.
@@ -107,8 +108,8 @@ class EvalSamples(Watcher):
 
         samples = [{"step": row["step"], "prompt": text(p), "completion": text(n), "chosen": text(c),
                     "rejected": text(r)} for p, n, c, r in zip(prompts, new, chosen, rejected, strict=True)]
-        with (trainer.output_dir / SAMPLES_FILE).open("a") as f:
-            f.writelines(json.dumps(s, ensure_ascii=False) + "\n" for s in samples)
+        disk.append_text(trainer.output_dir / SAMPLES_FILE, "".join(json.dumps(s, ensure_ascii=False) + "\n"
+                                                                    for s in samples))
         if trainer.logger is not None:
             trainer.logger.log_text("samples", samples_markdown(samples), row["step"])
 
@@ -131,4 +132,4 @@ def read_samples(path: str | Path) -> list[dict[str, Any]]:
         p = p / SAMPLES_FILE
     if not p.exists():
         return []
-    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+    return [json.loads(line) for line in p.read_text(encoding="utf-8").split("\n") if line.strip()]

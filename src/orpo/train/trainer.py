@@ -39,14 +39,16 @@ from accelerate.utils import set_seed
 from rich.console import Console
 from torch.utils.data import DataLoader
 
+from orpo import disk
 from orpo.config import Config, ConfigError
 from orpo.data.collate import TOKEN_COLUMNS, Layout, PreferenceBatch, on_device, pair_tokens, resolve_layout
 from orpo.train import checkpoint as ckpt
+from orpo.train import resume
 from orpo.train.distributed import Engine, build_engine, estimate_memory, full_state_dict
 from orpo.train.divergence import diverged
 from orpo.train.evaluate import evaluate
 from orpo.train.forward import configure_logps
-from orpo.train.logger import MetricsLogger, ProgressBar, Throughput, check_report_to
+from orpo.train.logger import METRICS_FILE, MetricsLogger, ProgressBar, Throughput, check_report_to
 from orpo.train.model import (
     adapt_given_model,
     describe_lora,
@@ -261,6 +263,7 @@ class Trainer:
             [StepCallback(on_step_end)] if on_step_end else [])
         self.show_progress = progress
         self.output_dir = Path(cfg.train.output_dir)
+        self.lock: disk.FolderLock | None = None  # on the run folder, from the end of setup to the end of train
         self.stop_request: tuple[str, bool] | None = None
         self.last_eval: dict[str, Any] | None = None  # the newest eval row (the model card's numbers)
 
@@ -268,8 +271,10 @@ class Trainer:
 
     def setup(self) -> Trainer:
         check_report_to(self.cfg.train.report_to)
+        # a folder orpo may not write to is said before anything loads
+        resume.inspect_run_dir(self.output_dir)
         self._setup_accelerator()
-        self.resume_from = ckpt.resolve_resume(self.cfg, verify=partial(ckpt.inspect_checkpoint,
+        self.resume_from = resume.resolve_resume(self.cfg, verify=partial(ckpt.inspect_checkpoint,
                                                                         accelerator=self.accelerator),
                                                report=self._print)
         self._setup_tokenizer()
@@ -419,9 +424,12 @@ class Trainer:
         acc = self.accelerator
         if self.resume_from is not None:
             rows = len(self.train_data)
-            self.state = ckpt.check_resume_compatible(
+            self.state = resume.check_resume_compatible(
                 self.resume_from, self.cfg, self.data.fingerprint, acc.num_processes, self.engine.name,
                 lambda bs, n: len(epoch_micro_batches(rows, bs, self.cfg.train.seed, 0, 0, n)))
+            finished = resume.finished_step(self.output_dir, resume.inspect_run_dir(self.output_dir))
+            if finished is not None and self.state.step >= self.total_steps:
+                raise resume.finished_run(self.output_dir, finished)
             note = ckpt.load_checkpoint(self.engine, self.resume_from, self.model, self.optimizer, self.scheduler,
                                         self.state.num_processes)
             self._print(f"resumed from {self.resume_from} (step {self.state.step})" + (f": {note}" if note else ""))
@@ -432,17 +440,22 @@ class Trainer:
                                          engine=self.engine.name)
 
     def _setup_logger(self) -> None:
-        """Last, so a run that fails to set up never deletes the previous one it would overwrite."""
+        """Last, after every input was checked (the watchers' too): only now is the run folder claimed,
+        locked and, with ``train.overwrite``, cleared of what the previous run made."""
         self.logger = None
+        self._notify("on_setup")
         if self.is_main:
-            if self.resume_from is None and self.cfg.train.overwrite:
-                ckpt.clear_previous_run(self.output_dir)
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            (self.output_dir / "config.yaml").write_text(ckpt.dump_config(self.cfg))
+            out, what = self.output_dir, ckpt.WHAT
+            self.lock = resume.claim_run_dir(out, start_over=self.resume_from is None and self.cfg.train.overwrite)
+            disk.write_atomic(disk.child(out, "config.yaml", what), ckpt.dump_config(self.cfg).encode())
             summary = getattr(self.data, "summary", None)
             if summary is not None:
-                (self.output_dir / "data_summary.json").write_text(json.dumps(summary.to_dict(), indent=2))
-            self.logger = MetricsLogger(self.output_dir, self.cfg.train.report_to, self.cfg.model_dump(mode="json"),
+                text = json.dumps(summary.to_dict(), indent=2)
+                disk.write_atomic(disk.child(out, "data_summary.json", what), text.encode())
+            logs = [METRICS_FILE] + [name for name in ("tensorboard", "wandb") if name in self.cfg.train.report_to]
+            for name in logs:
+                disk.child(out, name, what)
+            self.logger = MetricsLogger(out, self.cfg.train.report_to, self.cfg.model_dump(mode="json"),
                                         resume_step=self.state.step if self.resume_from else None)
         self.accelerator.wait_for_everyone()
 
@@ -492,6 +505,8 @@ class Trainer:
             self._notify("on_close")
             if self.logger is not None:
                 self.logger.close()
+            if self.lock is not None:
+                self.lock.release()
         self._print(result.render())
         return result
 
@@ -666,8 +681,11 @@ class Trainer:
         return path
 
     def save_final(self) -> Path:
-        """``OUTPUT_DIR/final``: see ``save_model``."""
-        return self.save_model(self.output_dir / "final", eval_row=self.last_eval)
+        """``OUTPUT_DIR/final``: see ``save_model``; the run's marker then says it finished."""
+        folder = self.save_model(self.output_dir / "final", eval_row=self.last_eval)
+        if self.is_main:
+            disk.set_marker(self.output_dir, finished_step=self.state.step)
+        return folder
 
     def save_model(self, folder: Path, eval_row: dict[str, Any] | None = None) -> Path:
         """A standard HF folder (or LoRA adapter) + tokenizer with its chat template + model card
@@ -682,13 +700,15 @@ class Trainer:
             weights = state_dict if state_dict is not None else self.engine.unwrap(self.model).state_dict()
             return ckpt.tensor_bytes(weights), "its weights"
 
-        with ckpt.stop_on_write_error(f"the model {folder}", folder, self.output_dir, self.accelerator, needed):
+        with disk.stop_on_write_error(f"the model {folder}", folder, self.accelerator, needed,
+                                      next_step=ckpt.resume_hint(self.output_dir)):
             if self.is_main:
+                disk.child(self.output_dir, folder.name, ckpt.WHAT)
                 model = self.engine.unwrap(self.model)
                 template = getattr(self.data, "template", None)
                 if template is not None and getattr(template, "jinja", None):
                     self.tokenizer.chat_template = template.jinja
-                with ckpt.atomic_dir(folder) as tmp, ckpt.quiet_saving():
+                with disk.atomic_dir(folder) as tmp, ckpt.quiet_saving():
                     if is_peft_model(model) and self.cfg.model.init is not None:
                         _save_lora_with_fresh_base(model, tmp, folder)
                     else:

@@ -23,6 +23,10 @@ if TYPE_CHECKING:
 class Watcher:
     """A no-op at every moment; subclasses override what they need."""
 
+    def on_setup(self, trainer: Trainer) -> None:
+        """At the end of setup, before the run folder is touched: read and check the watcher's own
+        inputs here, so a bad one stops the run with the previous one intact."""
+
     def on_start(self, trainer: Trainer) -> None:
         """After setup and the resume, before the step-0 eval."""
 
