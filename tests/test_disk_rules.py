@@ -369,3 +369,14 @@ def test_a_report_goes_only_into_a_folder_of_its_own(finished, tmp_path, capsys)
     (out / "mine.txt").write_text("mine")
     _one_line_exit_2(capsys, ["report", str(finished), "--out", str(out)], "mine.txt")
     assert (out / "mine.txt").read_text() == "mine"
+
+
+def test_merge_replaces_only_a_merged_model_it_wrote(tmp_path, capsys):
+    assert main(["train", str(_config(tmp_path, tmp_path / "run")), "model.lora.r=4", "data.eval=null"]) == 0
+    final, merged = tmp_path / "run" / "final", tmp_path / "merged"
+    assert main(["merge", str(final), str(merged)]) == 0
+    assert disk.read_marker(merged)["kind"] == "model" and (merged / "model.safetensors").is_file()
+    assert main(["merge", str(final), str(merged)]) == 0
+    (merged / "notes.txt").write_text("mine")
+    _one_line_exit_2(capsys, ["merge", str(final), str(merged)], "notes.txt", "orpo did not make")
+    assert (merged / "notes.txt").read_text() == "mine" and (merged / "model.safetensors").is_file()

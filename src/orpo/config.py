@@ -7,20 +7,43 @@ fail before any work, with the key's dotted path and a hint.
 
 from __future__ import annotations
 
+import json
+import math
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from orpo.yaml_input import YAMLInputError, read_text, read_yaml, short
 
 
 class ConfigError(ValueError):
     """A configuration problem, already phrased for the user (key path + hint)."""
 
 
+# Bounds on what a configuration may hold. A real config is a few KiB; these stop a hostile or broken one
+# (a binary file, ``[[[[...``, an alias bomb, ``hidden_size: 1e12``) with a ConfigError before any work.
+MAX_INIT_JSON = 64 << 10  # model.init serialized as JSON: it goes into every config.json written
+MAX_INIT_DEPTH = 8  # model.init nesting (a sub-config such as vision_config: {...} is level 2)
+MAX_SIZE = 1 << 20  # any model.init size (hidden_size, num_hidden_layers, ...) and lora.alpha
+LORA_MAX_RANK = 1 << 16
+MAX_EPOCHS = 10_000
+MAX_ERRORS = 20  # validation errors listed in one message
+
+
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_assignment=True)
+    # allow_inf_nan=False: no float setting has a meaning at nan or inf (``gt=0`` alone lets inf through)
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_assignment=True, allow_inf_nan=False)
 
 
 class LoraConfig(_Section):
@@ -30,9 +53,9 @@ class LoraConfig(_Section):
     adapter PEFT builds is read back and compared with these keys on every run.
     """
 
-    r: int = Field(16, gt=0, description="LoRA rank.")
+    r: int = Field(16, gt=0, le=LORA_MAX_RANK, description="LoRA rank.")
     alpha: float = Field(
-        32.0, gt=0, description="LoRA scaling numerator: scale = alpha / r (alpha / sqrt(r) with use_rslora)."
+        32.0, gt=0, le=MAX_SIZE, description="LoRA scaling numerator: scale = alpha / r (alpha / sqrt(r) with use_rslora)."
     )
     dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input (0 = none).")
     target_modules: str | list[str] = Field(
@@ -78,6 +101,13 @@ class ModelInit(_Section):
 
     model_config = ConfigDict(extra="allow", populate_by_name=True)
     arch: str = Field("llama", description="transformers model_type, e.g. llama, qwen2, mistral.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bounded(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            _check_init(value)
+        return value
 
 
 class ModelConfig(_Section):
@@ -407,7 +437,9 @@ class HealthConfig(_Section):
 class TrainConfig(_Section):
     output_dir: str = Field("runs/orpo", description="Where checkpoints, metrics.jsonl and final/ go.")
     max_steps: int | None = Field(None, gt=0, description="Optimizer steps; overrides epochs.")
-    epochs: float | None = Field(None, gt=0, description="Passes over train when max_steps is unset (default 1).")
+    epochs: float | None = Field(
+        None, gt=0, le=MAX_EPOCHS, description="Passes over train when max_steps is unset (default 1)."
+    )
     batch_size: int = Field(8, gt=0, description="Pairs per micro-batch (per device).")
     max_tokens_per_batch: int | None = Field(
         None,
@@ -430,7 +462,9 @@ class TrainConfig(_Section):
     mixed_precision: Literal["no", "bf16", "fp16"] = Field(
         "no", description="Autocast compute dtype (Accelerate); weights stay in model.dtype."
     )
-    seed: int = Field(42, description="Seed for init, shuffling, the eval split and dropout.")
+    seed: int = Field(
+        42, ge=0, lt=2**32, description="Seed for init, shuffling, the eval split and dropout (0 <= seed < 2**32)."
+    )
     log_every: int = Field(1, gt=0, description="Write metrics every N steps.")
     eval_every: int | None = Field(None, gt=0, description="Evaluate every N steps (and at the end).")
     save_every: int | None = Field(None, gt=0, description="Checkpoint every N steps.")
@@ -445,14 +479,16 @@ class TrainConfig(_Section):
         "never",
         description="never | auto (newest complete checkpoint in output_dir) | path to a checkpoint.",
     )
-    overwrite: bool = Field(False, description="Allow starting fresh in an output_dir that has checkpoints.")
+    overwrite: bool = Field(False, description="Start over in an output_dir that holds a run orpo made: removes only "
+                            "what that run wrote there (its marker, .orpo.json, lists it); a folder orpo did not make "
+                            "is refused either way.")
     max_bad_steps: int = Field(
         10, gt=0, description="Stop after this many consecutive steps with a non-finite loss or grad norm."
     )
     report_to: list[Literal["tensorboard", "wandb"]] = Field(
         default_factory=list, description="Extra loggers: tensorboard, wandb."
     )
-    num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes (at most the machine's CPU count).")
     logps: Literal["auto", "chunked", "full"] = Field(
         "auto",
         description="How token log-probs are computed. chunked: from the final hidden states and the LM head's "
@@ -493,6 +529,25 @@ class TrainConfig(_Section):
         "log_odds_ratio, logps_chosen.",
     )
     health: HealthConfig = Field(default_factory=HealthConfig, description="Run-health warnings: the train.health keys below; why each default, docs/health.md.")
+
+    @field_validator("output_dir")
+    @classmethod
+    def _expand_output_dir(cls, value: str) -> str:
+        """``~/run`` and ``$RUNS/x`` mean what a shell means, not a folder literally named ``~``."""
+        return os.path.expandvars(os.path.expanduser(value))
+
+    @field_validator("resume")
+    @classmethod
+    def _expand_resume(cls, value: str) -> str:
+        return value if value in ("never", "auto") else os.path.expandvars(os.path.expanduser(value))
+
+    @field_validator("num_workers")
+    @classmethod
+    def _workers(cls, value: int) -> int:
+        cpus = os.cpu_count() or 1
+        if value > cpus:
+            raise ValueError(f"{value} DataLoader workers, but this machine has {cpus} CPUs: use at most {cpus}")
+        return value
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
@@ -535,11 +590,66 @@ class Config(_Section):
 # Loading
 
 
+# a model.init key that sizes the model (and its memory): hidden_size, num_hidden_layers, n_head, d_model, ...
+_SIZE_KEY = re.compile(r"(^|_)(size|dim|layers|heads|experts|embeddings|positions|ctx|inner|embd|layer|head)$"
+                       r"|^(num|n|d)_")
+
+
+def _check_init(init: dict[Any, Any]) -> None:
+    """``model.init`` takes free keys (they go to the transformers config and into every config.json), so bound
+    them here: JSON values only, nested at most MAX_INIT_DEPTH, at most MAX_INIT_JSON as JSON, finite floats,
+    sizes integers in [0, MAX_SIZE]. Stops early, so a structure that shares sublists (an alias bomb) is never
+    walked in full."""
+    budget = MAX_INIT_JSON
+
+    def walk(value: Any, path: str, depth: int) -> None:
+        nonlocal budget
+        where = path or "model.init"
+        if isinstance(value, dict | list | tuple):
+            if depth > MAX_INIT_DEPTH:
+                raise ValueError(f"{where}: nested deeper than {MAX_INIT_DEPTH} levels")
+            budget -= 2
+            items = value.items() if isinstance(value, dict) else enumerate(value)
+            for key, item in items:
+                if isinstance(value, dict) and not isinstance(key, str):
+                    raise ValueError(f"{where}: key {short(key)!r} is not a string")
+                budget -= len(str(key)) + 4
+                walk(item, f"{path}.{key}" if path else str(key), depth + 1)
+                if budget < 0:
+                    break
+        elif value is None or isinstance(value, bool | int | float | str):
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{where}: {value} is not a finite number")
+            budget -= len(json.dumps(value)) if isinstance(value, str) else len(str(value))
+        else:
+            raise ValueError(f"{where}: a {type(value).__name__} is not a JSON value (give a number, string, "
+                             "true/false, null, list or mapping)")
+        if budget < 0:
+            raise ValueError(f"larger than {MAX_INIT_JSON} bytes as JSON: a model config is a few hundred")
+        name = path.rsplit(".", 1)[-1]
+        # true / false under such a name is a flag (tie_word_embeddings), null a default: not sizes
+        if path and _SIZE_KEY.search(name) and not isinstance(value, dict | list | tuple | bool | None):
+            if not isinstance(value, int):
+                raise ValueError(f"{where}: a size must be an integer, got {short(value)!r}")
+            if not 0 <= value <= MAX_SIZE:
+                raise ValueError(f"{where}: {short(value)} is outside 0..{MAX_SIZE} (2**20), the range of a size")
+
+    walk(init, "", 1)
+
+
+def _yaml(text: str | None, source: str, path: Path | None = None) -> Any:
+    """``yaml_input``'s bounded reading (of ``text``, or of the file ``path``), its refusals as ConfigError."""
+    try:
+        return read_yaml(read_text(path) if path is not None else text or "", source)
+    except YAMLInputError as e:
+        raise ConfigError(str(e)) from None
+
+
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply ``key.path=value`` overrides; values are parsed as YAML (``8``, ``true``, ``[a, b]``)."""
     for item in overrides:
         if "=" not in item:
-            raise ConfigError(f"override '{item}' is not of the form key.path=value")
+            raise ConfigError(f"override '{short(item)}' is not of the form key.path=value")
         path, value = item.split("=", 1)
         keys = path.strip().split(".")
         node = raw
@@ -548,9 +658,9 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             if child is None:
                 child = node[k] = {}
             if not isinstance(child, dict):
-                raise ConfigError(f"override '{item}': '{k}' is not a section")
+                raise ConfigError(f"override '{short(item)}': '{short(k)}' is not a section")
             node = child
-        node[keys[-1]] = yaml.safe_load(value) if value != "" else None
+        node[keys[-1]] = _yaml(value, f"override {short(path.strip())}") if value != "" else None
     return raw
 
 
@@ -563,10 +673,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
-        try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: invalid YAML: {e}") from None
+        raw = _yaml(None, str(p), path=p) or {}
         if not isinstance(raw, dict):
             raise ConfigError(f"{p}: the top level must be a mapping with sections model, data, orpo, train")
     raw = apply_overrides(raw, list(overrides or []))
@@ -577,15 +684,17 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
 
 
 def format_validation_error(err: ValidationError, source: str) -> str:
+    """One line for one mistake; several are listed one per line under a header."""
     lines = [f"{source}: invalid configuration"]
     # pydantic tags a union's branches and validators in the location (`str`, `list[...]`,
     # `function-after[...]`): drop them, and drop "wrong type" for a branch whose sibling got deeper
     errors = [(tuple(x for x in e["loc"] if not (isinstance(x, str) and ("[" in x or x == "str"))), e)
               for e in err.errors()]
-    errors = [(loc, e) for loc, e in errors
-              if not (e["type"].endswith("_type") and any(len(o) > len(loc) and o[: len(loc)] == loc
-                                                             for o, _ in errors))]
-    for clean, e in errors:
+    deeper = {o[:i] for o, _ in errors for i in range(len(o))}  # every proper prefix: linear, not quadratic
+    errors = [(loc, e) for loc, e in errors if not (e["type"].endswith("_type") and loc in deeper)]
+    # a list of 100,000 wrong items is one mistake: show the first MAX_ERRORS, count the rest
+    more = len(errors) - MAX_ERRORS
+    for clean, e in errors[:MAX_ERRORS]:
         loc = ".".join(str(x) for x in clean)
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
@@ -594,6 +703,11 @@ def format_validation_error(err: ValidationError, source: str) -> str:
         elif e["type"] == "missing":
             msg = "required key is missing"
         lines.append(f"  {loc or '<top>'}: {msg}")
+    if more > 0:
+        lines.append(f"  ... and {more} more")
+    if len(lines) == 2:
+        # one mistake, one line: what a shell, a log line or a CI annotation shows whole
+        return f"{source}: {lines[1].strip()} (every key and its default: docs/configuration.md)"
     lines.append("  see docs/configuration.md for every key and its default")
     return "\n".join(lines)
 

@@ -411,7 +411,10 @@ class Trainer:
     def _setup_scheduler(self) -> None:
         t = self.cfg.train
         epochs = t.epochs or 1.0
-        counts = [len(self.epoch_order(e)) for e in range(math.ceil(epochs))]  # equal unless a token budget
+        # equal in every epoch unless a token budget packs them: one shuffle, not one per epoch (10,000 at most)
+        epoch_counts = range(math.ceil(epochs)) if t.max_tokens_per_batch else range(1)
+        counts = [len(self.epoch_order(e)) for e in epoch_counts]
+        counts += counts[-1:] * (math.ceil(epochs) - len(counts))
         self.micro_batches_per_epoch = counts[0]
         micro_batches = sum(counts[:-1]) + (epochs - len(counts) + 1) * counts[-1]
         self.total_steps = t.max_steps or math.ceil(micro_batches / t.grad_accum)
