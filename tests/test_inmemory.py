@@ -232,6 +232,7 @@ def test_cli_without_data_train_exits_2(tmp_path, capsys):
     from orpo.cli import main
 
     path = tmp_path / "nodata.yaml"
-    path.write_text(f"model:\n  name_or_path: {QS / 'tokenizer'}\n")
+    # (a tokenizer folder as model.name_or_path is refused as "a tokenizer only": model.tokenizer it is)
+    path.write_text(f"model:\n  tokenizer: {QS / 'tokenizer'}\n  init: {{arch: llama}}\n")
     assert main(["preprocess", str(path)]) == 2
     assert "no training data: set data.train" in capsys.readouterr().err

@@ -13,6 +13,7 @@ import errno
 import json
 import os
 import sys
+import traceback
 from collections.abc import Sequence
 
 EXIT_FAILED_RUNS = 1  # `orpo sweep`: some runs failed (they are in the table)
@@ -67,6 +68,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except (ConfigError, DataError, FileNotFoundError) as e:
+        if args.verbose or os.environ.get("ORPO_DEBUG", "") not in ("", "0"):
+            traceback.print_exception(e)
         print(f"orpo {args.command}: error{_rank_tag()}: {e}", file=sys.stderr)
         return EXIT_USAGE
     except TrainingStopped as e:
@@ -102,6 +105,8 @@ def _rank_tag() -> str:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="orpo", description="ORPO preference training for causal language models.",
                                 epilog=EXIT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--verbose", action="store_true",
+                   help="with a one-line error, print the traceback behind it first (also ORPO_DEBUG=1)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     t = sub.add_parser("train", help="train from a YAML config", epilog=TRAIN_EPILOG + "\n" + EXIT_EPILOG,

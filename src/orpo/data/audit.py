@@ -201,7 +201,4 @@ def _template(setting: str | None, tokenizer) -> ChatTemplate:
 def _load_model(name: str):
     from orpo.train.evaluate import load_for_inference
 
-    try:
-        return load_for_inference(name)
-    except OSError as err:
-        raise ConfigError(f"--model {name}: cannot load a model and tokenizer from it: {err}") from None
+    return load_for_inference(name)

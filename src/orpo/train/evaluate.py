@@ -108,28 +108,33 @@ def _unwrap(model, accelerator):
 
 
 def load_for_inference(name_or_path: str, dtype: str = "auto", device: str | None = None,
-                       trust_remote_code: bool = False) -> tuple[Any, Any]:
+                       trust_remote_code: bool = False, key: str = "--model") -> tuple[Any, Any]:
     """A trained model folder (full, or a LoRA adapter with its base) and its tokenizer, ready to run.
 
     The tokenizer comes from the same folder (``final/`` holds it, chat template included) and gets
-    a pad token like in training. Placed on CUDA when there is one, in eval mode.
+    a pad token like in training. Placed on CUDA when there is one, in eval mode. ``key`` is how a
+    failure names the model (the CLI's flag); it is raised as one-line ``ModelLoadError``.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from orpo.loading import adapter_base, check_source, cli_source, explained, load, local_path, looks_local
     from orpo.train.model import DTYPES
 
-    path = Path(name_or_path)
+    source = cli_source(name_or_path, key, "model or adapter")
     torch_dtype = "auto" if dtype == "auto" else DTYPES[dtype]
-    if (path / "adapter_config.json").is_file():
+    if looks_local(name_or_path) and (Path(local_path(name_or_path)) / "adapter_config.json").is_file():
         from peft import AutoPeftModelForCausalLM
 
-        with peft_deprecations_silenced():
-            model = AutoPeftModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype,
+        base = adapter_base(source)
+        check_source(base, trust_remote_code=trust_remote_code)
+        with explained(base), peft_deprecations_silenced():
+            model = AutoPeftModelForCausalLM.from_pretrained(local_path(name_or_path), dtype=torch_dtype,
                                                              trust_remote_code=trust_remote_code)
     else:
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype,
-                                                     trust_remote_code=trust_remote_code)
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        model = load(AutoModelForCausalLM.from_pretrained, source, dtype=torch_dtype,
+                     trust_remote_code=trust_remote_code)
+    tokenizer = load(AutoTokenizer.from_pretrained, cli_source(name_or_path, key, "tokenizer"),
+                     trust_remote_code=trust_remote_code)
     ensure_pad_token(tokenizer)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return model.to(device).eval(), tokenizer

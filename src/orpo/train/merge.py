@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from transformers import AutoTokenizer
 
 from orpo import disk
 from orpo.config import ConfigError
+from orpo.loading import adapter_base, check_source, cli_source, explained, load
 from orpo.train.checkpoint import quiet_saving
 from orpo.train.model import DTYPES, peft_deprecations_silenced
 
@@ -26,15 +28,17 @@ def merge_lora(adapter_dir: str | Path, out_dir: str | Path, dtype: str = "auto"
     disk.inspect_folder(out_dir, "model", "orpo merge OUT")
     if out_dir == adapter_dir.absolute() or adapter_dir.absolute().is_relative_to(out_dir):
         raise ConfigError(f"orpo merge OUT: {out_dir} holds the adapter {adapter_dir}; write the merged model elsewhere")
-    if not (adapter_dir / "adapter_config.json").is_file():
-        raise ConfigError(f"{adapter_dir}: no adapter_config.json, not a LoRA adapter folder")
+    source = cli_source(str(adapter_dir), "ADAPTER", "adapter")
+    check_source(source)
+    base = adapter_base(source)
+    check_source(base, trust_remote_code=trust_remote_code)
     torch_dtype = "auto" if dtype == "auto" else DTYPES[dtype]
-    with peft_deprecations_silenced():
+    with explained(base), peft_deprecations_silenced():
         model = AutoPeftModelForCausalLM.from_pretrained(str(adapter_dir), dtype=torch_dtype,
                                                          trust_remote_code=trust_remote_code)
     merged = model.merge_and_unload()
     with disk.publish_owned(out_dir, "model", "orpo merge OUT") as tmp, quiet_saving():
         merged.save_pretrained(tmp)
         if (adapter_dir / "tokenizer_config.json").is_file():
-            AutoTokenizer.from_pretrained(str(adapter_dir)).save_pretrained(tmp)
+            load(AutoTokenizer.from_pretrained, replace(source, want="tokenizer")).save_pretrained(tmp)
     return out_dir

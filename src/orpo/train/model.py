@@ -21,6 +21,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from orpo.config import ConfigError, LoraConfig, ModelConfig
+from orpo.loading import Source, check_source, load
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -46,9 +47,13 @@ def load_tokenizer(cfg: ModelConfig):
     if source is None:
         raise ConfigError("no model: set model.name_or_path (or model.init with model.tokenizer), or pass a "
                           "model and its tokenizer to train() in Python")
-    tok = AutoTokenizer.from_pretrained(
-        source, revision=cfg.revision if cfg.tokenizer is None else None, trust_remote_code=cfg.trust_remote_code
-    )
+    if cfg.tokenizer is None:
+        # the model's folder: said as a model folder (empty, an adapter, an encoder) before its tokenizer
+        check_source(Source(source, "model.name_or_path"), trust_remote_code=cfg.trust_remote_code)
+        where = Source(source, "model.name_or_path", "tokenizer", revision=cfg.revision)
+    else:
+        where = Source(source, "model.tokenizer", "tokenizer")
+    tok = load(AutoTokenizer.from_pretrained, where, trust_remote_code=cfg.trust_remote_code)
     ensure_pad_token(tok)
     return tok
 
@@ -84,7 +89,7 @@ def load_model(cfg: ModelConfig, tokenizer, seed: int = 42, device_map: Any = No
     if cfg.init is not None:
         model = build_model(cfg, tokenizer, seed)
     else:
-        kwargs: dict[str, Any] = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code,
+        kwargs: dict[str, Any] = {"trust_remote_code": cfg.trust_remote_code,
                                   "dtype": "auto" if cfg.dtype == "auto" else DTYPES[cfg.dtype]}
         if cfg.attn_implementation:
             kwargs["attn_implementation"] = cfg.attn_implementation
@@ -93,7 +98,8 @@ def load_model(cfg: ModelConfig, tokenizer, seed: int = 42, device_map: Any = No
             kwargs["device_map"] = device_map if device_map is not None else {"": torch.cuda.current_device()}
         if cfg.name_or_path is None:
             raise ConfigError("no model: set model.name_or_path or model.init, or pass a model to train() in Python")
-        model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, **kwargs)
+        source = Source(cfg.name_or_path, "model.name_or_path", revision=cfg.revision)
+        model = load(AutoModelForCausalLM.from_pretrained, source, **kwargs)
     return adapt_model(model, cfg, tokenizer)
 
 
