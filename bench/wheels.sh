@@ -16,7 +16,7 @@ RUNTIME_PURE=(
   tqdm jinja2 packaging
 )
 # compiled wheels, for that python on manylinux x86_64
-RUNTIME_BINARY=(pydantic-core==2.41.5 xxhash pandas==2.3.3 psutil markupsafe pyyaml)
+RUNTIME_BINARY=(pydantic-core==2.41.5 xxhash pandas==2.3.3 psutil markupsafe pyyaml rapidfuzz)
 MANYLINUX=(--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64)
 
 # download_pure PY PYVER DEST PKG...: a py3-none-any wheel, else the manylinux one

@@ -23,7 +23,7 @@ CONTRACT_KEYS = {
     "dropped_by_truncation", "eval_prompt_overlap", "accuracy",
 }
 EXTRA_KEYS = {"source", "format", "template", "row_numbers", "max_length", "mean_chosen_length",
-              "mean_rejected_length", "length_unit", "label_noise_candidates"}
+              "mean_rejected_length", "length_unit", "label_noise_candidates", "definitions"}
 BASE = "The quick brown fox jumps over the lazy dog while the cat sleeps on a warm and sunny windowsill."  # 96 chars
 
 
@@ -265,8 +265,19 @@ def test_truncation_share_and_drops_are_exact(tmp_path, stories_tokenizer, capsy
 # ------------------------------------------------------------------------------ the checks themselves
 
 
+def _lcs(a: str, b: str) -> int:
+    """The longest common subsequence by the textbook dynamic program: the reference the fast check must equal."""
+    row = [0] * (len(b) + 1)
+    for x in a:
+        prev = 0
+        for j, y in enumerate(b, start=1):
+            prev, row[j] = row[j], prev + 1 if x == y else max(row[j], row[j - 1])
+    return row[-1]
+
+
 def test_near_identical_equals_its_definition_on_random_edits():
-    """The cheap bounds only ever rule out pairs that the plain definition rules out too."""
+    """The bounded, bit-parallel check decides every pair as the plain definition does, on both sides
+    of the threshold and at it: unmatched characters < 5% of both texts' characters."""
     rng = random.Random(0)
     words = "the of and to in a is that for it as was with be by on not he this are or his".split()
     seen = {True: 0, False: 0}
@@ -282,10 +293,15 @@ def test_near_identical_equals_its_definition_on_random_edits():
                 b.insert(i, rng.choice("abxyz "))
             elif b:
                 b[min(i, len(b) - 1)] = rng.choice("abxyz ")
-        truth = char_difference(a, "".join(b)) < 0.05
-        assert near_identical(a, "".join(b)) == truth, (a, "".join(b))
+        other = "".join(b)
+        total = len(a) + len(other)
+        truth = total - 2 * _lcs(a, other) < 0.05 * total
+        assert near_identical(a, other) == truth, (a, other)
+        assert char_difference(a, other) == pytest.approx((total - 2 * _lcs(a, other)) / total)
         seen[truth] += 1
     assert min(seen.values()) > 100  # both sides of the threshold were exercised
+    # at the threshold exactly: 2 unmatched of 40 characters is 5%, not under it; 1 of 40 is
+    assert not near_identical("a" * 19 + "b", "a" * 19 + "c") and near_identical("a" * 20, "a" * 19)
 
 
 def test_char_difference_is_the_unmatched_share():

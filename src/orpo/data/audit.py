@@ -22,7 +22,7 @@ import numpy as np
 from pydantic import ValidationError
 
 from orpo.config import ConfigError, DataConfig, format_validation_error
-from orpo.data.checks import TEXT_FINDINGS, leak_markers
+from orpo.data.checks import DEFINITIONS, TEXT_FINDINGS, leak_markers
 from orpo.data.pipeline import (
     CHECK_LABELS,
     _drop,
@@ -42,7 +42,7 @@ LABEL_NOISE_CANDIDATES = 20
 JSON_KEYS = ("source", "format", "template", "row_numbers", "max_length", "rows", "pairs", "dropped",
              *TEXT_FINDINGS, "chosen_longer_share", "mean_chosen_length", "mean_rejected_length", "length_unit",
              "truncated_share", "dropped_by_truncation", "eval_prompt_overlap", "accuracy",
-             "label_noise_candidates")
+             "label_noise_candidates", "definitions")
 
 
 @dataclass
@@ -67,7 +67,7 @@ class AuditReport:
         values = {**self.checks, "source": self.source, "format": self.format, "template": self.template,
                   "row_numbers": self.row_numbers, "max_length": self.max_length, "rows": self.rows,
                   "pairs": self.pairs, "dropped": self.dropped, "accuracy": self.accuracy,
-                  "label_noise_candidates": self.label_noise_candidates}
+                  "label_noise_candidates": self.label_noise_candidates, "definitions": DEFINITIONS}
         return {key: values[key] for key in JSON_KEYS}
 
     def render(self, width: int = 110) -> str:
