@@ -266,3 +266,24 @@ def test_hub_answers_404_401_403_and_a_missing_revision_are_one_line_each(tmp_pa
     assert "model.name_or_path=org/gated" in gated and "license" in gated and "HF_TOKEN" in gated, gated
     assert "model.name_or_path=org/model" in revision and "model.revision" in revision, revision
     assert "no-such-branch" in revision, revision
+
+
+def test_a_model_init_too_large_for_memory_is_one_line_before_any_allocation(tmp_path, capsys):
+    """Each size within its bound, the product is not: counted on the meta device, said in one line
+    (was an allocator traceback, or minutes of building a million layers)."""
+    qs = REPO / "examples" / "quickstart"
+    cfg = tmp_path / "huge.yaml"
+    cfg.write_text(f"model:\n  tokenizer: {qs / 'tokenizer'}\n  init: {{arch: llama, hidden_size: 65536, "
+                   "intermediate_size: 262144, num_hidden_layers: 1048576, num_attention_heads: 512, "
+                   f"num_key_value_heads: 512}}\ndata:\n  train: {qs / 'train.jsonl'}\n  max_samples: 8\n"
+                   f"train:\n  output_dir: {tmp_path / 'run'}\n  max_steps: 1\n")
+    capsys.readouterr()
+    assert main(["train", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "Traceback" not in err, err
+    h, i, layers, vocab = 65536, 262144, 1048576, 512
+    # per layer attention, MLP and norms; the embeddings, the head and the final norm
+    params = layers * (4 * h * h + 3 * h * i + 2 * h) + 2 * vocab * h + h
+    assert f"model.init: {params:,} parameters" in errors[0] and "GiB of float32 weights alone" in errors[0], errors[0]
+    assert not (tmp_path / "run").exists()

@@ -216,9 +216,49 @@ def build_model(cfg: ModelConfig, tokenizer, seed: int) -> PreTrainedModel:
     kwargs: dict[str, Any] = {"dtype": torch.float32 if cfg.dtype == "auto" else DTYPES[cfg.dtype]}
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
+    _check_fits(config, kwargs["dtype"])
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return AutoModelForCausalLM.from_config(config, **kwargs)
+        try:
+            return AutoModelForCausalLM.from_config(config, **kwargs)
+        except (MemoryError, RuntimeError) as e:
+            if not isinstance(e, MemoryError) and "alloc" not in str(e).lower():
+                raise
+            raise ConfigError(f"model.init: the model does not fit in memory ({' '.join(str(e).split())[:160]}): "
+                              "make model.init smaller") from e
+
+
+def _check_fits(config, dtype: torch.dtype) -> None:
+    """A ``model.init`` whose weights cannot be allocated is a ConfigError naming its size, not an
+    allocator traceback after minutes. Counted on the meta device (no memory) with one and with two
+    layers, then extrapolated to ``num_hidden_layers`` (every layer alike), so a config of a million
+    layers costs two tiny builds."""
+    import copy
+
+    import psutil
+
+    text = config.get_text_config()
+    layers = getattr(text, "num_hidden_layers", None)
+    if not isinstance(layers, int) or layers < 1:
+        return
+    counts = []
+    for n in (1, 2):
+        probe = copy.deepcopy(config)
+        sub = probe.get_text_config()
+        sub.num_hidden_layers = n
+        if isinstance(getattr(sub, "layer_types", None), list):
+            sub.layer_types = sub.layer_types[:n] * (1 if len(sub.layer_types) >= n else n)
+        try:
+            with torch.device("meta"):
+                counts.append(sum(p.numel() for p in AutoModelForCausalLM.from_config(probe).parameters()))
+        except Exception:  # an architecture that will not build with fewer layers: from_config says why later
+            return
+    params = counts[0] + (layers - 1) * (counts[1] - counts[0])
+    need, free = params * torch.finfo(dtype).bits // 8, psutil.virtual_memory().available
+    if need > free:
+        raise ConfigError(f"model.init: {params:,} parameters, {need / 2**30:,.1f} GiB of {str(dtype).removeprefix('torch.')} "
+                          f"weights alone, and {free / 2**30:,.1f} GiB of memory are available: make it smaller "
+                          "(hidden_size, intermediate_size, num_hidden_layers, vocab_size)")
 
 
 # ---------------------------------------------------------------------------------------------
