@@ -216,8 +216,8 @@ def build_model(cfg: ModelConfig, tokenizer, seed: int) -> PreTrainedModel:
     kwargs: dict[str, Any] = {"dtype": torch.float32 if cfg.dtype == "auto" else DTYPES[cfg.dtype]}
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
-    _check_fits(config, kwargs["dtype"])
     with torch.random.fork_rng(devices=[]):
+        _check_fits(config, kwargs["dtype"])
         torch.manual_seed(seed)
         try:
             return AutoModelForCausalLM.from_config(config, **kwargs)
