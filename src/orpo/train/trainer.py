@@ -1,7 +1,8 @@
 """The ORPO training recipe on Accelerate: set up in dependency order, then one loop.
 
-    setup()   engine (accelerator) -> resume decision -> tokenizer -> data -> model
-              -> engine.prepare (wrap/shard + optimizer) -> scheduler -> checkpoint state -> logger
+    setup()   run folder checked (read only) -> engine (accelerator) -> resume decision -> tokenizer
+              -> data -> model -> engine.prepare (wrap/shard + optimizer) -> scheduler -> checkpoint
+              state -> watchers' inputs -> run folder claimed, locked (and cleared) -> logger
     train()   [eval at step 0] -> per step: fetch grad_accum micro-batches -> _step -> _log
               -> evaluate / save_checkpoint when due -> watchers -> [final eval] -> save_final -> summary
 
