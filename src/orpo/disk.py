@@ -78,6 +78,11 @@ def read_marker(folder: Path) -> dict[str, Any] | None:
     return marker
 
 
+def _new_marker(kind: str, made: list[str]) -> dict[str, Any]:
+    return {"kind": kind, "id": uuid.uuid4().hex, "created": datetime.now(UTC).isoformat(timespec="seconds"),
+            "made": made}
+
+
 def _write_marker(folder: Path, marker: dict[str, Any]) -> None:
     write_atomic(folder / MARKER, (json.dumps(marker, indent=1) + "\n").encode())
 
@@ -119,9 +124,7 @@ def claim(folder: Path, kind: str, what: str,
     marker = inspect_folder(folder, kind, what, legacy)
     if marker is not None and not marker.get("adopted"):
         return marker
-    made = marker["made"] if marker else []
-    marker = {"kind": kind, "id": uuid.uuid4().hex, "created": datetime.now(UTC).isoformat(timespec="seconds"),
-              "made": made}
+    marker = _new_marker(kind, marker["made"] if marker else [])
     folder.mkdir(parents=True, exist_ok=True)
     _write_marker(folder, marker)
     return marker
@@ -160,9 +163,7 @@ def publish_owned(folder: Path, kind: str, what: str,
                             "move them away or pick another folder")
     with atomic_dir(folder) as tmp:
         yield tmp
-        made = sorted(p.name for p in tmp.iterdir() if p.name not in _OURS)
-        _write_marker(tmp, {"kind": kind, "id": uuid.uuid4().hex,
-                            "created": datetime.now(UTC).isoformat(timespec="seconds"), "made": made})
+        _write_marker(tmp, _new_marker(kind, sorted(p.name for p in tmp.iterdir() if p.name not in _OURS)))
 
 
 def set_marker(folder: Path, **fields: Any) -> None:
@@ -183,14 +184,9 @@ def remove_made(folder: Path) -> list[str]:
     removed = []
     for name in marker["made"]:
         path = folder / name
-        if "/" in name or name in ("", ".", "..") or name in _OURS:
+        if "/" in name or name in ("", ".", "..") or name in _OURS or not (path.exists() or path.is_symlink()):
             continue
-        if path.is_symlink() or path.is_file():
-            path.unlink()
-        elif path.is_dir():
-            shutil.rmtree(path)
-        else:
-            continue
+        remove_tree(path)
         removed.append(name)
     marker["made"], marker["finished_step"] = [], None
     _write_marker(folder, marker)

@@ -285,7 +285,7 @@ class MetricSums:
     def add(self, out: ObjectiveOutput, nll_tokens: int, tokens: int) -> None:
         values = {**out.term_sums, **out.pair_sums}
         self.sums += torch.stack([values[k].to(self.sums.device) for k in self.keys]).to(torch.float64)
-        c = self.counts
+        c = self._counts
         self._counts = [c[0] + out.num_pairs, c[1] + nll_tokens, c[2] + tokens]
 
     def reduce(self, accelerator) -> None:
@@ -296,7 +296,7 @@ class MetricSums:
         """
         if accelerator is None or accelerator.num_processes == 1:
             return
-        counts = torch.tensor(self.counts, dtype=torch.float64).to(self.sums.device, non_blocking=True)
+        counts = torch.tensor(self._counts, dtype=torch.float64).to(self.sums.device, non_blocking=True)
         both = accelerator.reduce(torch.cat([self.sums, counts]), reduction="sum")
         self.sums, self._reduced_counts = both[: len(self.keys)], both[len(self.keys) :]
 

@@ -265,6 +265,7 @@ class Trainer:
         self.show_progress = progress
         self.output_dir = Path(cfg.train.output_dir)
         self.lock: disk.FolderLock | None = None  # on the run folder, from the end of setup to the end of train
+        self._run_marker: dict[str, Any] | None = None  # the run folder's marker as set-up found it
         self.stop_request: tuple[str, bool] | None = None
         self.last_eval: dict[str, Any] | None = None  # the newest eval row (the model card's numbers)
 
@@ -273,7 +274,7 @@ class Trainer:
     def setup(self) -> Trainer:
         check_report_to(self.cfg.train.report_to)
         # a folder orpo may not write to is said before anything loads
-        resume.inspect_run_dir(self.output_dir)
+        self._run_marker = resume.inspect_run_dir(self.output_dir)
         self._setup_accelerator()
         self.resume_from = resume.resolve_resume(self.cfg, verify=partial(ckpt.inspect_checkpoint,
                                                                         accelerator=self.accelerator),
@@ -431,7 +432,7 @@ class Trainer:
             self.state = resume.check_resume_compatible(
                 self.resume_from, self.cfg, self.data.fingerprint, acc.num_processes, self.engine.name,
                 lambda bs, n: len(epoch_micro_batches(rows, bs, self.cfg.train.seed, 0, 0, n)))
-            finished = resume.finished_step(self.output_dir, resume.inspect_run_dir(self.output_dir))
+            finished = resume.finished_step(self.output_dir, self._run_marker)
             if finished is not None and self.state.step >= self.total_steps:
                 raise resume.finished_run(self.output_dir, finished)
             note = ckpt.load_checkpoint(self.engine, self.resume_from, self.model, self.optimizer, self.scheduler,
