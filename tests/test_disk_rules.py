@@ -380,3 +380,15 @@ def test_merge_replaces_only_a_merged_model_it_wrote(tmp_path, capsys):
     (merged / "notes.txt").write_text("mine")
     _one_line_exit_2(capsys, ["merge", str(final), str(merged)], "notes.txt", "orpo did not make")
     assert (merged / "notes.txt").read_text() == "mine" and (merged / "model.safetensors").is_file()
+
+
+def test_tilde_in_an_explicit_resume_path_is_expanded(finished, tmp_path, capsys, monkeypatch):
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    out = home / "run"
+    shutil.copytree(finished, out, symlinks=True)
+    shutil.rmtree(out / "final")
+    capsys.readouterr()
+    assert main(["train", str(_config(tmp_path, out, resume="~/run/checkpoints/step-1"))]) == 0
+    assert f"resumed from {out / 'checkpoints' / 'step-1'} (step 1)" in capsys.readouterr().err
