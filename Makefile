@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint bench faults setup clean docs test-compat
+.PHONY: demo test lint bench bench-scaling faults setup clean docs test-compat
 
 setup: $(STAMP)
 
@@ -32,6 +32,11 @@ docs: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/run.py
+
+# How a step's time and memory grow with max_length and the vocabulary (orpo vs TRL, under a memory cap),
+# and orpo preprocess with the dataset's size: bench/results/scaling.{json,png}; ~25 min on 2 quiet cores.
+bench-scaling: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) bench/scaling.py
 
 # The fault suite (docs/reliability.md): 20 SIGKILLs, 3 SIGTERMs, 2 damaged checkpoints and a full disk
 # on stories260K + HH, each followed by a resume; the final weights must equal an uninterrupted run's.

@@ -25,6 +25,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 HH = ROOT.parent / "shared" / "data" / "hh-rlhf" / "harmless-dev.jsonl.gz"
+TRL_VENV = ROOT / "runs" / "bench" / "trl-venv"  # one for every --out (bench/scaling.py uses several)
 TRL_PINS = ["trl==1.16.0", "transformers==5.24.0", "datasets", "accelerate"]
 LOSS_RTOL = {"float32": 1e-4, "bfloat16": 1e-2}  # bf16: 8 bits of mantissa, the two round differently
 
@@ -35,6 +36,7 @@ _LLAMA = {"arch": "llama", "hidden_size": 256, "num_hidden_layers": 4, "num_atte
 SETTINGS: dict[str, dict] = {
     "small-vocab": {**_LLAMA, "vocab_size": 8192},
     "large-vocab": {**_LLAMA, "vocab_size": 65536},
+    "vocab-151936": {**_LLAMA, "vocab_size": 151936},  # bench/scaling.py: Qwen2.5's vocabulary
     # bench/gpu.sh: the shape of Qwen2.5-0.5B (tied embeddings, GQA 14/2), random init
     "qwen2.5-0.5b": {"arch": "qwen2", "hidden_size": 896, "num_hidden_layers": 24, "num_attention_heads": 14,
                      "num_key_value_heads": 2, "intermediate_size": 4864, "tie_word_embeddings": True,
@@ -87,6 +89,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-trl", action="store_true", help="orpo systems only")
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "bench", help="caches and per-run files")
     p.add_argument("--results", type=Path, default=ROOT / "bench" / "results" / "latest.json")
+    p.add_argument("--mem-cap-gb", type=float, default=None,
+                   help="cap each child's memory (RLIMIT_DATA); a system that needs more is recorded as out of memory")
     p.add_argument("--child", help=argparse.SUPPRESS)  # internal: "SETTING/SYSTEM", prints one JSON line
     args = p.parse_args(argv)
     import torch
@@ -420,7 +424,7 @@ def trl_python(args: argparse.Namespace) -> tuple[str | None, str | None]:
     """A python with trl 1.16.0: --trl-python, else runs/bench/trl-venv (made and reused). (python, why not)."""
     if args.trl_python:
         return args.trl_python, None
-    venv = args.out / "trl-venv"
+    venv = TRL_VENV
     python = venv / "bin" / "python"
     stamp = venv / ".installed"
     if stamp.exists() and stamp.read_text() == " ".join(TRL_PINS):
@@ -440,6 +444,18 @@ def trl_python(args: argparse.Namespace) -> tuple[str | None, str | None]:
     return str(python), None
 
 
+# How an allocation past the cap (or the kernel's OOM killer, -9) shows in a child's stderr
+OOM_MESSAGES = ("can't allocate memory", "MemoryError", "out of memory", "Cannot allocate memory")
+
+
+def memory_cap(gb: float | None):
+    """A ``preexec_fn`` capping the child's data segment (every heap and anonymous mapping) at ``gb`` GiB."""
+    if gb is None:
+        return None
+    limit = int(gb * 2**30)
+    return lambda: resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
+
+
 def run_child(args: argparse.Namespace, python: str, setting: str, system: str, base_argv: list[str]) -> dict:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "TRL_EXPERIMENTAL_SILENCE": "1", "PYTHONPATH": str(ROOT / "src"),
@@ -449,10 +465,12 @@ def run_child(args: argparse.Namespace, python: str, setting: str, system: str, 
     load = os.getloadavg()[0]
     started = time.perf_counter()
     proc = subprocess.run([python, __file__, *base_argv, "--device", args.device, "--child", f"{setting}/{system}"],
-                          env=env, capture_output=True, text=True)
+                          env=env, capture_output=True, text=True, preexec_fn=memory_cap(args.mem_cap_gb))
     line = next((x for x in proc.stdout.splitlines() if x.startswith("BENCH ")), None)
     if proc.returncode or line is None:
-        return {"error": f"exit {proc.returncode}: {proc.stderr[-2000:]}"}
+        oom = proc.returncode == -9 or any(m in proc.stderr for m in OOM_MESSAGES)
+        return {"error": f"exit {proc.returncode}: {proc.stderr[-2000:]}", "oom": oom,
+                "mem_cap_gb": args.mem_cap_gb}
     return {**json.loads(line[6:]), "loadavg_1min_before": load, "wall_s": time.perf_counter() - started}
 
 
@@ -502,7 +520,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{r['tokens_per_s']:>8,.0f} tokens/s  {r['peak_mem_mb']:>8,.0f} MiB  loss {r['first_loss']:.6f}",
                       flush=True)
             else:
-                print("failed", flush=True)
+                print("out of memory" if r.get("oom") else "failed", flush=True)
             results[system] = r
             orpo, trl_r = results.get("orpo", {}), results.get("trl", {})
             if "tokens_per_s" in orpo and "tokens_per_s" in trl_r:

@@ -20,13 +20,19 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from orpo.config import ConfigError, ModelConfig, load_config
-from orpo.data.collate import PaddedLayout
+from orpo.data.collate import PaddedLayout, build_layout
 from orpo.loss import sequence_logps
 from orpo.train import load_model, load_tokenizer
-from orpo.train.chunked import LogitTransform, chunked_token_logps
-from orpo.train.forward import configure_logps, logps_plan, token_logps
+from orpo.train.chunked import LogitTransform, chunked_loss, chunked_token_logps
+from orpo.train.forward import configure_logps, logps_plan, pair_chunks, token_logps
 from orpo.train.model import logits_keep_mode
-from orpo.train.objective import ORPOObjective
+from orpo.train.objective import (
+    CPOObjective,
+    DPOObjective,
+    ORPOObjective,
+    SFTObjective,
+    SimPOObjective,
+)
 from orpo.train.trainer import Trainer, _collate
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -55,17 +61,19 @@ def _model(stories_dir, spec: dict):
 
 
 def _rows(n: int = 4, seed: int = 0) -> list[dict]:
-    """Pairs of different prompt/response lengths (token ids of the 512-token stories vocabulary)."""
+    """Pairs of different prompt/response lengths (token ids of the 512-token stories vocabulary),
+    with made-up reference log-probs for DPO (constants of each pair)."""
     g = torch.Generator().manual_seed(seed)
     rows = []
     for i in range(n):
         p, c, r = (torch.randint(3, 500, (k,), generator=g).tolist() for k in (4 + 2 * i, 6 + 3 * i, 3 + 5 * i))
         rows.append({"chosen_input_ids": [1, *p, *c], "chosen_prompt_len": 1 + len(p),
-                     "rejected_input_ids": [1, *p, *r], "rejected_prompt_len": 1 + len(p)})
+                     "rejected_input_ids": [1, *p, *r], "rejected_prompt_len": 1 + len(p),
+                     "ref_chosen_sum": -40.0 - 9 * i, "ref_rejected_sum": -30.0 - 14 * i})
     return rows
 
 
-def _run(model, mode: str, batch, objective, autocast_forward: bool = False):
+def _run(model, mode: str, batch, objective, autocast_forward: bool = False, chunk: int = CHUNK):
     """Loss, per-pair log-probs and every parameter's gradient through ``objective`` with ``mode``.
 
     ``autocast_forward``: bf16 autocast inside ``model.forward`` only, as Accelerate's mixed precision.
@@ -73,7 +81,7 @@ def _run(model, mode: str, batch, objective, autocast_forward: bool = False):
     model = copy.deepcopy(model)
     if autocast_forward:
         model.forward = torch.autocast("cpu", dtype=torch.bfloat16)(model.forward)
-    configure_logps(model, mode, CHUNK)
+    configure_logps(model, mode, chunk)
     assert logps_plan(model).chunked == (mode == "chunked")
     out = objective(model, batch)
     out.loss.backward()
@@ -112,6 +120,166 @@ def test_chunked_equals_full_logits(name, stories_dir):
     if name == "stories-lora-modules-to-save":
         trained = [k for k in full_grads if "lm_head" in k]
         assert trained and all("modules_to_save" in k for k in trained), trained
+
+
+OBJECTIVES = {
+    "orpo": ORPOObjective(beta=0.2),
+    "sft": SFTObjective(nll_on_prompt=True),
+    "simpo": SimPOObjective(beta=2.0, gamma=0.5, nll_weight=0.3),
+    "cpo": CPOObjective(beta=0.1),
+    "dpo": DPOObjective(beta=0.1),
+}
+CHUNK_OF_PAIRS = 40  # the 6 pairs' rows: 9, 17, 25, 33, 41, 49 -> chunks of 2, 1, 1, 1 (longer), 1 (longer) pairs
+
+
+def _assert_same_step(full, chunked, full_grads, chunked_grads) -> None:
+    """Loss, every term and pair metric the logs read, and every parameter's gradient."""
+    _close(chunked.loss, full.loss, "loss")
+    assert chunked.term_sums.keys() == full.term_sums.keys() and chunked.pair_sums.keys() == full.pair_sums.keys()
+    for key in full.term_sums:
+        _close(chunked.term_sums[key], full.term_sums[key], f"term_sums[{key}]")
+    # margins are differences of the chosen and rejected sums: round-off of the largest operand
+    scale = max(float(v.abs()) for v in full.pair_sums.values())
+    for key in full.pair_sums:
+        torch.testing.assert_close(chunked.pair_sums[key], full.pair_sums[key], rtol=0, atol=1e-5 * scale,
+                                   msg=lambda m, key=key: f"pair_sums[{key}]: {m}")
+    assert full_grads.keys() == chunked_grads.keys()
+    for key, g in full_grads.items():
+        assert g is not None and chunked_grads[key] is not None, key
+        _close(chunked_grads[key], g, key)
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed", "shared_prompt", "packed_shared_prompt"])
+@pytest.mark.parametrize("objective", list(OBJECTIVES))
+def test_every_objective_and_layout_gets_the_full_logits_loss_metrics_and_gradients(objective, layout, stories_dir):
+    """The chunked head computes each chunk's gradient in its forward from the objective's own
+    per-pair math: chunks of several pairs and pairs longer than a chunk, every batch layout."""
+    model = _model(stories_dir, {})
+    obj = OBJECTIVES[objective]
+    batch = obj.prepare(build_layout(layout, 0, 64)(_rows(6)), logits_keep_mode(model))
+    chunks = pair_chunks(batch.pair_rows, CHUNK_OF_PAIRS)
+    assert any(p1 - p0 > 1 for p0, p1, _, _ in chunks) and any(e - s > CHUNK_OF_PAIRS for _, _, s, e in chunks)
+    full, _, full_grads = _run(model, "full", batch, obj)
+    chunked, _, chunked_grads = _run(model, "chunked", batch, obj, chunk=CHUNK_OF_PAIRS)
+    _assert_same_step(full, chunked, full_grads, chunked_grads)
+
+
+@pytest.mark.parametrize("name", ["qwen2-tied", "gemma2-softcap", "stories-lora-frozen-head"])
+@pytest.mark.parametrize("objective", ["dpo", "simpo"])
+def test_other_heads_with_the_objectives_and_the_step_normalizers(name, objective, stories_dir):
+    """A tied head, a soft-capped one and a frozen one (LoRA), with the global normalizers the
+    trainer passes (tensors of the whole step's counts, not this batch's)."""
+    model = _model(stories_dir, MODELS[name])
+    obj = OBJECTIVES[objective]
+    batch = obj.prepare(PaddedLayout(0)(_rows(6, seed=2)), logits_keep_mode(model))
+    norms = {"token_normalizer": torch.tensor(123.0), "pair_normalizer": torch.tensor(17.0)}
+    results = []
+    for mode, chunk in (("full", CHUNK), ("chunked", CHUNK_OF_PAIRS)):
+        m = copy.deepcopy(model)
+        configure_logps(m, mode, chunk)
+        out = obj(m, batch, **norms)
+        out.loss.backward()
+        results.append((out, {n: p.grad for n, p in m.named_parameters() if p.requires_grad}))
+    (full, full_grads), (chunked, chunked_grads) = results
+    _assert_same_step(full, chunked, full_grads, chunked_grads)
+
+
+class _HeadMatmuls(TorchDispatchMode):
+    """Counts matrix products with a vocabulary-sized dimension: the LM head's."""
+
+    MATMULS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.addmm_.default,
+               torch.ops.aten.bmm.default}
+
+    def __init__(self, vocab: int):
+        super().__init__()
+        self.vocab, self.count = vocab, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        tensors = [t for t in tree_leaves((args, out)) if isinstance(t, torch.Tensor)]
+        # the model's own head runs on an empty input (no rows): it costs nothing
+        if func in self.MATMULS and any(self.vocab in t.shape for t in tensors) and out.numel():
+            self.count += 1
+        return out
+
+
+@pytest.mark.parametrize(("name", "per_chunk"), [("stories260K", 3), ("stories-lora-frozen-head", 2)])
+def test_no_head_matmul_is_recomputed_in_backward(name, per_chunk, stories_dir):
+    """3 head matmuls per chunk in a training forward + backward (logits, ∂h, ∂W), 2 with a frozen
+    head: as many as the plain path (it was 4 and 2: the backward recomputed the logits); a pair
+    longer than a chunk, 4 (3) per slice of it. Without a
+    gradient (evaluation) the logits only: no gradient is computed."""
+    model = _model(stories_dir, MODELS[name])
+    configure_logps(model, "chunked", CHUNK_OF_PAIRS)
+    objective = ORPOObjective(beta=0.2)
+    batch = objective.prepare(PaddedLayout(0)(_rows(6)), logits_keep_mode(model))
+    # a pair longer than a chunk runs in two passes over slices of the chunk size (bounded memory):
+    # its logits twice, so one more matmul per slice
+    sizes = [e - s for _, _, s, e in pair_chunks(batch.pair_rows, CHUNK_OF_PAIRS)]
+    assert any(n > CHUNK_OF_PAIRS for n in sizes) and any(n <= CHUNK_OF_PAIRS for n in sizes)
+    expected = sum(per_chunk if n <= CHUNK_OF_PAIRS else (per_chunk + 1) * -(-n // CHUNK_OF_PAIRS) for n in sizes)
+    with _HeadMatmuls(512) as train:
+        objective(model, batch).loss.backward()
+    assert train.count == expected
+    with torch.no_grad(), _HeadMatmuls(512) as evaluation:
+        out = objective(model, batch)
+    assert evaluation.count == len(range(0, int(batch.targets.numel()), CHUNK_OF_PAIRS))
+    assert not out.loss.requires_grad
+
+
+def test_chunks_hold_whole_pairs_in_pair_order():
+    assert pair_chunks((3, 4, 10, 2, 2), 8) == [(0, 2, 0, 7), (2, 3, 7, 17), (3, 5, 17, 21)]
+    assert pair_chunks((9,), 8) == [(0, 1, 0, 9)]
+    assert pair_chunks((), 8) == []
+
+
+@pytest.mark.parametrize("max_rows", [None, 3])
+@pytest.mark.parametrize("transform", [LogitTransform(), LogitTransform(scale=0.5, softcap=2.0)])
+@pytest.mark.parametrize(("bias", "frozen_head"), [(False, False), (True, False), (False, True)])
+def test_chunked_loss_matches_autograd_in_float64(transform, bias, frozen_head, max_rows, monkeypatch):
+    """The fused autograd function alone, against log_softmax + autograd in float64: a loss that is
+    non-linear in each group's log-prob sum (like a pair's), an upstream scale, a bias, a frozen head.
+    ``max_rows`` 3: the chunks of 4, 7 and 11 rows (one long pair each) run in two passes of at
+    most 3 rows of logits: the same values and gradients, and no larger logits tensor."""
+    import orpo.train.chunked as chunked
+
+    seen = []
+    real = chunked._logits
+
+    def recording(h, *a):
+        seen.append(h.shape[0])
+        return real(h, *a)
+
+    monkeypatch.setattr(chunked, "_logits", recording)
+    g = torch.Generator().manual_seed(1)
+    m, h, v = 23, 9, 37
+    hidden = torch.randn(m, h, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(v, h, generator=g, dtype=torch.float64, requires_grad=not frozen_head)
+    b = torch.randn(v, generator=g, dtype=torch.float64, requires_grad=True) if bias else None
+    targets = torch.randint(0, v, (m,), generator=g)
+    bounds = [0, 4, 11, 12, 23]
+
+    def group_loss(logps: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.softplus(-0.3 * logps.sum()) + logps.square().mean()
+
+    loss, logps = chunked_loss(hidden, weight, b, targets, bounds,
+                               lambda k, x: group_loss(x), transform, max_rows=max_rows)
+    assert max(seen) == (3 if max_rows else 11)
+    wanted = [t for t in (hidden, weight, b) if t is not None and t.requires_grad]
+    grads = torch.autograd.grad(2.5 * loss, wanted)
+
+    z = torch.nn.functional.linear(hidden, weight, b) * transform.scale
+    if transform.softcap is not None:
+        z = transform.softcap * torch.tanh(z / transform.softcap)
+    ref = torch.log_softmax(z, -1).gather(1, targets[:, None]).squeeze(1)
+    ref_loss = sum(group_loss(ref[s:e]) for s, e in zip(bounds[:-1], bounds[1:], strict=True))
+    ref_grads = torch.autograd.grad(2.5 * ref_loss, wanted)
+    assert not logps.requires_grad
+    torch.testing.assert_close(logps.double(), ref.detach(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(loss.double(), ref_loss.detach(), rtol=1e-6, atol=1e-6)
+    # the chunk's loss and its gradient run on float32 log-probs (as every objective's): float32 round-off
+    for a, r in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-5 * float(r.abs().max()))
 
 
 @pytest.mark.parametrize(("name", "how"), [("qwen2-tied", "autocast"), ("gemma2-softcap", "bf16-weights")])
@@ -215,8 +383,8 @@ def test_train_logps_reaches_the_step(logps, tmp_path, stories_dir, hh_path):
     with _LargestLogits(512) as seen:
         trainer._forward_backward([batch])
     assert logps_plan(trainer.model).chunked == (logps == "chunked")
-    if logps == "chunked":
-        assert seen.rows == CHUNK  # one chunk at a time, forward and backward
+    if logps == "chunked":  # never more than CHUNK rows of logits, though these pairs exceed CHUNK (two passes)
+        assert max(batch.pair_rows) > CHUNK == seen.rows
     else:
         assert seen.rows >= targets
 

@@ -16,9 +16,10 @@ from tiny import TINY
 from orpo.cli import main
 from orpo.config import load_config
 from orpo.data import prepare_data
+from orpo.generation import generate
 from orpo.report import FIGURES, NotARunError, _colors, _label, default_names, load_run, write_report
 from orpo.train import Trainer, read_metrics
-from orpo.train.samples import greedy_completions, read_samples
+from orpo.train.samples import read_samples
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -62,7 +63,7 @@ def test_eval_generate_writes_the_trained_models_greedy_completions(runs):
     data = prepare_data(cfg.data, tok, chat_template=cfg.model.chat_template, seed=cfg.train.seed)
     ids = [list(r[: n]) for r, n in zip(data.eval["chosen_input_ids"][:2], data.eval["chosen_prompt_len"][:2],
                                         strict=True)]
-    new = greedy_completions(model, ids, 3, tok.pad_token_id, "cpu")
+    new = generate(model, ids, 3, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
     assert all(len(n) <= 3 for n in new) and max(len(n) for n in new) == 3
     assert [tok.decode(n, skip_special_tokens=True) for n in new] == [s["completion"] for s in samples[-2:]]
     # and in TensorBoard, as text
@@ -160,6 +161,6 @@ def test_greedy_completions_restore_training_mode(stories_dir, stories_tokenizer
     cfg = load_config(raw={"model": {"init": TINY, "tokenizer": str(stories_dir)}, "data": {"train": "x"}})
     model = load_model(cfg.model, stories_tokenizer, seed=0).train()
     state = torch.get_rng_state()
-    out = greedy_completions(model, [[1, 5, 6], [1, 9]], 4, stories_tokenizer.pad_token_id, "cpu")
+    out = generate(model, [[1, 5, 6], [1, 9]], 4, pad_token_id=stories_tokenizer.pad_token_id, eos_token_id=None)
     assert [len(x) for x in out] == [4, 4] and model.training
     assert torch.equal(torch.get_rng_state(), state)  # greedy draws nothing: a resumed run stays exact

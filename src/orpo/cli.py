@@ -1,5 +1,5 @@
 """The `orpo` command line: train, sweep, preprocess, audit, eval, generate, merge, checkpoints, report,
-config-doc.
+push, config-doc.
 
 Every command reports an expected failure (bad configuration or data, a diverged run) as one clear
 message on stderr and its own exit status (``EXIT_*`` below), without a traceback; anything else
@@ -21,13 +21,14 @@ EXIT_USAGE = 2  # bad input: configuration, data or arguments
 EXIT_DIVERGED = 3  # training stopped: train.max_bad_steps non-finite steps in a row (TrainingDiverged)
 EXIT_STOPPED = 4  # stopped before the last step when asked (SIGTERM, SIGINT), after a checkpoint: resume to go on
 EXIT_SAVE_FAILED = 5  # a checkpoint, the model or another output could not be written (disk full, I/O error)
+EXIT_PUSH_FAILED = 6  # the hub refused or failed an upload (`orpo push`, train.push_to_hub): nothing was committed
 
 EXIT_EPILOG = f"""\
 exit status: 0 success, {EXIT_USAGE} bad configuration or data, {EXIT_DIVERGED} training diverged (non-finite
 steps; the message names the checkpoint to resume from), {EXIT_STOPPED} stopped by SIGTERM or SIGINT after the
 current step and a checkpoint (resume with train.resume=auto), {EXIT_SAVE_FAILED} a checkpoint, the model or another
-output could not be written (disk full, I/O error; the message names the path and the space), 130 interrupted
-(a second Ctrl-C).
+output could not be written (disk full, I/O error; the message names the path and the space), {EXIT_PUSH_FAILED} a
+push to the hub failed (nothing committed; the local folders unchanged), 130 interrupted (a second Ctrl-C).
 """
 
 TRAIN_EPILOG = """\
@@ -61,6 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from orpo.config import ConfigError
     from orpo.data import DataError
     from orpo.disk import SaveFailed
+    from orpo.hub import PushFailed
     from orpo.train.trainer import TrainingStopped
 
     hf_logging.disable_progress_bar()  # "Loading weights" bars; our own progress is enough
@@ -78,6 +80,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SaveFailed as e:
         _say_once(f"orpo {args.command}: error: {e}")
         return EXIT_SAVE_FAILED
+    except PushFailed as e:
+        print(f"orpo {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_PUSH_FAILED
     except OSError as e:
         if e.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
@@ -175,13 +180,19 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--max-samples", type=int, default=None)
     e.set_defaults(func=_cmd_eval)
 
-    g = sub.add_parser("generate", help="generate a reply to one prompt (chat template applied)")
+    g = sub.add_parser("generate", help="generate replies to one prompt or a file of them (chat template applied)")
     g.add_argument("--model", required=True)
-    g.add_argument("--prompt", required=True)
+    which = g.add_mutually_exclusive_group(required=True)
+    which.add_argument("--prompt", help="one prompt; the reply is printed")
+    which.add_argument("--prompts", metavar="FILE", help="a file (or hub dataset) of prompts: 'prompt', 'messages' "
+                       "or 'instruction' rows; one JSON line per reply, in the file's order")
+    g.add_argument("--out", metavar="FILE.jsonl", help="with --prompts: write the replies here (default: stdout)")
     g.add_argument("--system", default=None, help="optional system message")
     g.add_argument("--chat-template", default=None, help="none | chatml | llama3 | zephyr | FILE.jinja")
     g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--batch-size", type=int, default=16, help="prompts per batch (left-padded)")
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=0)
     g.set_defaults(func=_cmd_generate)
 
@@ -200,6 +211,20 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--name", action="append", default=None,
                    help="a name per run, in order (default: the folder names)")
     r.set_defaults(func=_cmd_report)
+
+    hp = sub.add_parser("push", help="upload a finished model folder (RUN_DIR/final) to the Hugging Face Hub",
+                        formatter_class=argparse.RawDescriptionHelpFormatter,
+                        epilog="Sends the weights, configs, tokenizer and model card (README.md, its metadata read by "
+                        "the hub) in one commit;\nnever orpo's .orpo.json / .orpo.lock, hidden files or training "
+                        "state. The token: HF_TOKEN or `hf auth login`.\nExit status 0 pushed, 2 bad input (nothing "
+                        f"sent), {EXIT_PUSH_FAILED} the upload failed (nothing committed).")
+    hp.add_argument("folder", help="a finished model folder orpo wrote: RUN_DIR/final, RUN_DIR/best or `orpo merge` OUT")
+    hp.add_argument("--repo", required=True, help="hub repo ORG/NAME (created if it does not exist)")
+    hp.add_argument("--private", action="store_true", help="create the repo private (an existing repo keeps its "
+                    "visibility)")
+    hp.add_argument("--revision", default=None, metavar="BRANCH", help="push to this branch (created from main if new)")
+    hp.add_argument("--message", default=None, help="commit message (default: orpo push FOLDER)")
+    hp.set_defaults(func=_cmd_push)
 
     c = sub.add_parser("config-doc", help="print the configuration reference (Markdown)")
     c.set_defaults(func=_cmd_config_doc)
@@ -301,26 +326,56 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    import torch
-
+    """Batched (``orpo.generation``): the replies equal one-prompt-at-a-time generation, token for token."""
+    from orpo.config import ConfigError
     from orpo.data.formats import Message, Pair
+    from orpo.data.prompts import PromptRow, read_prompts
     from orpo.data.templates import render_prompt, resolve_chat_template
     from orpo.data.tokenize import encode_prompt
+    from orpo.disk import expand, write_atomic
+    from orpo.generation import Sampling, generate
     from orpo.train.evaluate import load_for_inference
 
-    torch.manual_seed(args.seed)
+    if args.batch_size < 1 or args.max_new_tokens < 1 or not 0 < args.top_p <= 1 or args.temperature < 0:
+        raise ConfigError("--batch-size and --max-new-tokens must be at least 1, --top-p in (0, 1], "
+                          "--temperature at least 0")
+    if args.out and not args.prompts:
+        raise ConfigError("--out is for --prompts (one prompt's reply is printed)")
+    out = expand(args.out) if args.out else None
+    if out is not None and (out.is_dir() or not out.parent.is_dir()):
+        raise ConfigError(f"--out {args.out}: " + ("a folder: name a file" if out.is_dir() else
+                                                   f"its folder {out.parent} does not exist"))
+    if args.prompts:
+        rows = read_prompts(args.prompts)
+    else:
+        rows = [PromptRow(args.prompt, 1, "--prompt")]
     model, tokenizer = load_for_inference(args.model)
     template = resolve_chat_template(args.chat_template, tokenizer)
-    messages: list[Message] = [{"role": "system", "content": args.system}] if args.system else []
-    messages.append({"role": "user", "content": args.prompt})
-    text = render_prompt(Pair(prompt=messages, chosen="x", rejected="y"), template, tokenizer)
+
+    def with_system(prompt: str | list[Message]) -> str | list[Message]:
+        """``--system`` goes first, unless the row brings its own system message."""
+        if not args.system:
+            return prompt
+        turns = prompt if isinstance(prompt, list) else [Message(role="user", content=prompt)]
+        return turns if turns[0]["role"] == "system" else [Message(role="system", content=args.system), *turns]
+
     # the same BOS rule as training, so the model sees what it was trained on
-    input_ids = torch.tensor([encode_prompt(text, tokenizer)], device=model.device)
-    ids = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
-    sampling = {"do_sample": True, "temperature": args.temperature} if args.temperature > 0 else {"do_sample": False}
-    out = model.generate(**ids, max_new_tokens=args.max_new_tokens, pad_token_id=tokenizer.pad_token_id, **sampling)
-    reply = tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
-    print(reply.strip())
+    ids = [encode_prompt(render_prompt(Pair(prompt=with_system(r.prompt), chosen="x", rejected="y"), template,
+                                       tokenizer), tokenizer) for r in rows]
+    new = generate(model, ids, args.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                   eos_token_id=tokenizer.eos_token_id, device=model.device, batch_size=args.batch_size,
+                   sampling=Sampling(temperature=args.temperature, top_p=args.top_p, seed=args.seed))
+    replies = [tokenizer.decode(n, skip_special_tokens=True).strip() for n in new]
+    if not args.prompts:
+        print(replies[0])
+        return 0
+    lines = "".join(json.dumps({"row": r.number, "prompt": r.prompt, "completion": c, "new_tokens": len(n)},
+                               ensure_ascii=False) + "\n" for r, c, n in zip(rows, replies, new, strict=True))
+    if out is not None:
+        write_atomic(out, lines.encode())
+        print(f"{len(rows)} replies written to {args.out}")
+    else:
+        sys.stdout.write(lines)
     return 0
 
 
@@ -354,6 +409,25 @@ def _cmd_report(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     page = write_report([Path(p) for p in args.runs], Path(args.out), names=args.name)
     print(page)
+    return 0
+
+
+def _cmd_push(args: argparse.Namespace) -> int:
+    """Every check that needs no network first (folder, repo id, token), then one commit."""
+    from pathlib import Path
+
+    from orpo import hub
+
+    folder = Path(args.folder)
+    hub.check_model_folder(folder)
+    hub.check_repo_id(args.repo, "--repo")
+    if args.revision is not None and (not args.revision.strip() or args.revision != args.revision.strip()):
+        raise hub.HubError(f"--revision: '{args.revision}' is not a branch name")
+    hub.files_to_push(folder)  # a symlink inside is refused here, before the network
+    token = hub.hub_token()
+    pushed = hub.push_folder(folder, args.repo, private=args.private, revision=args.revision,
+                             message=args.message or f"orpo push {folder}", token=token)
+    print(pushed.describe(args.repo, args.revision))
     return 0
 
 

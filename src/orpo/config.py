@@ -345,7 +345,8 @@ OBJECTIVE_KEYS = {"beta": "orpo", "simpo_beta": "simpo", "simpo_gamma": "simpo",
                   "cpo_beta": "cpo", "dpo_beta": "dpo"}
 
 
-SchedulerName = Literal["linear", "cosine", "constant", "inverse_sqrt"]
+SchedulerName = Literal["linear", "cosine", "constant", "inverse_sqrt", "cosine_with_min_lr", "wsd"]
+OptimizerName = Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "adafactor", "lion"]
 
 
 def metric_goal(name: str) -> Literal["min", "max"] | None:
@@ -451,11 +452,38 @@ class TrainConfig(_Section):
     eval_batch_size: int | None = Field(None, gt=0, description="Pairs per eval batch; default batch_size.")
     grad_accum: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
     learning_rate: float = Field(8e-6, gt=0, description="Peak learning rate.")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (never on norms and biases).")
-    adam_beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1.")
-    adam_beta2: float = Field(0.999, ge=0, lt=1, description="AdamW beta2.")
-    adam_eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
-    lr_scheduler: SchedulerName = Field("linear", description="linear | cosine | constant | inverse_sqrt.")
+    optimizer: OptimizerName = Field(
+        "adamw",
+        description="adamw (torch) | adamw_8bit | paged_adamw_8bit | paged_adamw_32bit (bitsandbytes, `pip install "
+        "orpo[optim]`; paged: CUDA only) | adafactor (torch, factored second moment, no first moment) | lion "
+        "(bitsandbytes; one momentum, sign update: the paper uses a 3-10x smaller learning_rate and "
+        "adam_beta2=0.99). The table in README.md, Optimizers.",
+    )
+    optimizer_kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="More constructor arguments of the optimizer (e.g. amsgrad, min_8bit_size, beta2_decay); "
+        "checked against the names it accepts. lr, betas, eps and weight_decay come from the keys here.",
+    )
+    weight_decay: float = Field(0.0, ge=0, description="Decoupled weight decay, every optimizer (never on norms, "
+                                "biases and embeddings).")
+    adam_beta1: float = Field(0.9, ge=0, lt=1, description="beta1 of AdamW (every variant) and Lion.")
+    adam_beta2: float = Field(0.999, ge=0, lt=1, description="beta2 of AdamW (every variant) and Lion.")
+    adam_eps: float = Field(1e-8, gt=0, description="AdamW epsilon (every variant; Adafactor and Lion have none).")
+    lr_scheduler: SchedulerName = Field(
+        "linear",
+        description="linear | cosine | constant | inverse_sqrt | cosine_with_min_lr (cosine down to "
+        "min_lr_ratio x the peak) | wsd (warmup from min_lr_ratio x the peak, stable at the peak, then a cosine "
+        "decay over the last decay_ratio of the steps back to min_lr_ratio x the peak).",
+    )
+    min_lr_ratio: float = Field(
+        0.0, ge=0, lt=1, description="Final learning rate as a share of the peak, for cosine_with_min_lr and wsd."
+    )
+    decay_ratio: float = Field(0.1, gt=0, le=1, description="wsd: the share of the steps that decay (after warmup).")
+    lr_scheduler_kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="More arguments of transformers' schedule function (num_cycles for the cosines, timescale "
+        "for inverse_sqrt, decay_type / warmup_type for wsd); checked against the names it accepts.",
+    )
     warmup_steps: int | None = Field(None, ge=0, description="Linear warmup steps. Exclusive with warmup_ratio.")
     warmup_ratio: float | None = Field(None, ge=0, lt=1, description="Warmup as a share of total steps.")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the global gradient norm; null = no clip.")
@@ -485,15 +513,24 @@ class TrainConfig(_Section):
     max_bad_steps: int = Field(
         10, gt=0, description="Stop after this many consecutive steps with a non-finite loss or grad norm."
     )
-    report_to: list[Literal["tensorboard", "wandb"]] = Field(
-        default_factory=list, description="Extra loggers: tensorboard, wandb."
+    report_to: list[Literal["tensorboard", "wandb", "mlflow", "trackio"]] = Field(
+        default_factory=list, description="Experiment trackers besides metrics.jsonl: tensorboard (OUTPUT_DIR/"
+        "tensorboard), wandb, mlflow (MLFLOW_TRACKING_URI, else a SQLite store in OUTPUT_DIR/mlflow), trackio "
+        "(TRACKIO_DIR, local by default). Each gets the metrics, the config and the eval samples."
     )
+    run_name: str | None = Field(None, min_length=1, max_length=256,
+                                 description="The run's name in every tracker; default: output_dir's folder name.")
+    project: str = Field("orpo", min_length=1, max_length=256,
+                         description="The tracker's project (W&B project, MLflow experiment, Trackio project).")
+    tags: list[str] = Field(default_factory=list, max_length=64,
+                            description="Tags on the run in every tracker (W&B tags, MLflow tags).")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes (at most the machine's CPU count).")
     logps: Literal["auto", "chunked", "full"] = Field(
         "auto",
         description="How token log-probs are computed. chunked: from the final hidden states and the LM head's "
-        "weights a chunk of rows at a time, never a [tokens, vocab] logits tensor (exact; logits recomputed in "
-        "backward). full: the model's own logits. auto: chunked where the model allows it (a plain linear LM "
+        "weights a chunk of whole pairs at a time, never a [tokens, vocab] logits tensor (exact; in training each "
+        "chunk's gradient is computed in the forward from the objective's per-pair loss, so no logits are "
+        "recomputed; a pair longer than a chunk is a chunk of its own). full: the model's own logits. auto: chunked where the model allows it (a plain linear LM "
         "head, also tied or in lora.modules_to_save; Gemma-2 soft-capping, Cohere/Granite scaling), else full "
         "with a one-line note.",
     )
@@ -529,6 +566,16 @@ class TrainConfig(_Section):
         "log_odds_ratio, logps_chosen.",
     )
     health: HealthConfig = Field(default_factory=HealthConfig, description="Run-health warnings: the train.health keys below; why each default, docs/health.md.")
+    push_to_hub: bool = Field(
+        False, description="Push the final model to the Hugging Face Hub repo hub_model_id at the end (main process "
+        "only; needs HF_TOKEN or `hf auth login`); a failed push exits non-zero with the run folder intact."
+    )
+    hub_model_id: str | None = Field(None, description="The hub repo ORG/NAME to push to (required by push_to_hub).")
+    hub_private: bool = Field(False, description="Create the hub repo private (an existing repo keeps its visibility).")
+    hub_strategy: Literal["end", "every_save"] = Field(
+        "end", description="end: push final/ once at the end. every_save: also push the model at each checkpoint "
+        "(inline, after the checkpoint is written; a failed checkpoint push is a warning, the run goes on)."
+    )
 
     @field_validator("output_dir")
     @classmethod
@@ -557,6 +604,12 @@ class TrainConfig(_Section):
             raise ValueError(f"train.save_best: '{self.save_best}' is not an eval metric with a known direction; use "
                              "eval_loss, eval_accuracy, eval_margin, eval_log_odds_ratio, eval_nll_loss, "
                              "eval_general_ppl, ... (an eval_* loss or ppl is minimized, accuracy/margin maximized)")
+        if self.push_to_hub and not self.hub_model_id:
+            raise ValueError("train.push_to_hub needs train.hub_model_id: the hub repo to push to, as ORG/NAME")
+        if self.push_to_hub and not self.save_final:
+            raise ValueError("train.push_to_hub pushes final/: it needs train.save_final true")
+        if self.hub_model_id is not None and not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", self.hub_model_id):
+            raise ValueError(f"train.hub_model_id: '{self.hub_model_id}' is not a hub repo id ORG/NAME")
         return self
 
 

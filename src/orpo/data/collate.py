@@ -66,6 +66,9 @@ class PreferenceBatch:
     # the flat indices of ``labels != -100`` and the NLL's token count.
     targets: torch.Tensor | None = None
     nll_tokens: int | None = None
+    # ``targets`` are ordered pair by pair, ``pair_rows[i]`` of them pair i's: the chunked head's
+    # chunks of whole pairs are row ranges of them, known on the CPU (Python ints stay there).
+    pair_rows: tuple[int, ...] | None = None
 
     def to(self, device: torch.device | str) -> PreferenceBatch:
         """The batch on ``device``: copies that do not block the host (from pinned memory, see the DataLoader)."""

@@ -203,28 +203,54 @@ def prepare_data(
             _say(console, f"tokenized data: reusing cache {cache}")
             return hit
 
-    prepared = _build(cfg, tokenizer, template, seed, fp, read_pairs(cfg, train_specs, eval_spec, seed), names)
-    if cache is not None:
-        try:
-            _save(prepared, cache)
-        except OSError as err:
-            logger.warning("could not write the data cache %s: %s", cache, err)
-            return prepared
-        _say(console, f"tokenized data: cached at {cache}")
-        hit = _load_cached(cache, names, template, fp)  # memory-mapped, as every later run gets it
-        if hit is not None:
-            hit.from_cache = False
-            return hit
-    return prepared
+    read = read_pairs(cfg, train_specs, eval_spec, seed)
+    if cache is None:
+        return _build(cfg, tokenizer, template, seed, fp, read, names)
+    # tokens go to Arrow files beside the cache (not RAM), then into the entry; the folder goes after
+    work: Path | None = cache.parent / f".work-{fp}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        cast(Path, work).mkdir(parents=True)
+    except OSError as err:
+        logger.warning("could not write the data cache %s: %s", cache, err)
+        work = None
+    try:
+        prepared = _build(cfg, tokenizer, template, seed, fp, read, names, work)
+    except BaseException as err:
+        if work is not None:
+            shutil.rmtree(work, ignore_errors=True)
+        if not isinstance(err, OSError) or isinstance(err, DataError):
+            raise
+        # a full or failing disk: tokenize in memory, as without a cache
+        logger.warning("could not write the data cache %s: %s", cache, err)
+        work, prepared = None, _build(cfg, tokenizer, template, seed, fp, read, names)
+    try:
+        _save(prepared, cache)
+    except OSError as err:
+        logger.warning("could not write the data cache %s: %s", cache, err)
+        if work is not None:  # the sets are memory-mapped from the work folder: copy them to RAM, then it goes
+            prepared.train = prepared.train.flatten_indices(keep_in_memory=True)
+            if prepared.eval is not None:
+                prepared.eval = prepared.eval.flatten_indices(keep_in_memory=True)
+            shutil.rmtree(work, ignore_errors=True)
+        return prepared
+    _say(console, f"tokenized data: cached at {cache}")
+    hit = _load_cached(cache, names, template, fp)  # memory-mapped, as every later run gets it
+    if hit is None:
+        return prepared
+    del prepared
+    if work is not None:
+        shutil.rmtree(work, ignore_errors=True)
+    hit.from_cache = False
+    return hit
 
 
 def _build(cfg: DataConfig, tokenizer, template: ChatTemplate, seed: int, fp: str, read: ReadData,
-           names: tuple[str, str | None]) -> PreparedData:
+           names: tuple[str, str | None], work_dir: Path | None = None) -> PreparedData:
     limits = Limits.from_config(cfg)
-    train_tok = tokenize_pairs(read.train.pairs, template, tokenizer, limits, cfg.num_proc, f"{fp}-train")
+    train_tok = tokenize_pairs(read.train.pairs, template, tokenizer, limits, cfg.num_proc, f"{fp}-train", work_dir)
     eval_tok = None
     if read.eval is not None:
-        eval_tok = tokenize_pairs(read.eval.pairs, template, tokenizer, limits, cfg.num_proc, f"{fp}-eval")
+        eval_tok = tokenize_pairs(read.eval.pairs, template, tokenizer, limits, cfg.num_proc, f"{fp}-eval", work_dir)
 
     tokenized = [train_tok] + ([eval_tok] if eval_tok is not None else [])
     stats = {c: np.concatenate([np.asarray(d[c]) for d in tokenized]) for c in STAT_COLUMNS}
@@ -396,6 +422,8 @@ def read_pairs(cfg: DataConfig, train_specs: Sequence[SourceSpec], eval_spec: So
         s = spec.settings
         columns = s.columns.model_dump() if s.columns is not None else None
         norm = normalize(source, fmt=s.format or "auto", columns=columns, on_bad_row=on_bad_row or cfg.on_bad_row)
+        if not spec.in_memory:  # the caller's own rows stay theirs; a file's rows live on only as pairs
+            source, spec.rows = source.without_rows(), None
         sources.append(source)
         norms.append(norm)
         parts.append(SourcedPairs(norm.pairs, [(k, i) for i in norm.indices]))
@@ -485,9 +513,16 @@ def run_checks(read: ReadData, subject: SourcedPairs, markers: Sequence[str], na
 
 
 def tokenize_pairs(pairs: list[Pair], template: ChatTemplate, tokenizer, limits: Limits,
-                   num_proc: int | None = None, fingerprint: str | None = None) -> datasets.Dataset:
-    """Render + tokenize with ``Dataset.map`` (batched; ``num_proc`` workers): token + stat columns."""
-    ds = datasets.Dataset.from_dict(pair_columns(pairs))
+                   num_proc: int | None = None, fingerprint: str | None = None,
+                   work_dir: Path | None = None) -> datasets.Dataset:
+    """Render + tokenize with ``Dataset.map`` (batched; ``num_proc`` workers): token + stat columns.
+
+    With ``work_dir`` the pairs and their tokens are written there as Arrow files a batch at a time
+    and memory-mapped back, so the token columns (the largest part) never sit in RAM whole.
+    """
+    name = fingerprint or uuid.uuid4().hex
+    ds = _pairs_dataset(pairs, work_dir / f"{name}-pairs.arrow") if work_dir is not None else \
+        datasets.Dataset.from_dict(pair_columns(pairs))
     return ds.map(
         tokenize_batch,
         batched=True,
@@ -497,8 +532,27 @@ def tokenize_pairs(pairs: list[Pair], template: ChatTemplate, tokenizer, limits:
         remove_columns=ds.column_names,
         fn_kwargs={"template": template, "tokenizer": tokenizer, "limits": limits},
         new_fingerprint=fingerprint,  # skip hashing the tokenizer; our own cache key covers it
+        cache_file_name=str(work_dir / f"{name}-tokens.arrow") if work_dir is not None else None,
+        writer_batch_size=1000,
         desc="tokenizing",
     )
+
+
+def _pairs_dataset(pairs: Sequence[Pair], path: Path, batch: int = 1000) -> datasets.Dataset:
+    """``pairs`` as an Arrow file at ``path``, written ``batch`` pairs at a time, memory-mapped back."""
+    from datasets.arrow_writer import ArrowWriter
+
+    features = datasets.Features({
+        "prompt": datasets.Value("string"),
+        "messages": [{"role": datasets.Value("string"), "content": datasets.Value("string")}],
+        "chosen": datasets.Value("string"),
+        "rejected": datasets.Value("string"),
+    })
+    with ArrowWriter(features=features, path=str(path), writer_batch_size=batch) as writer:
+        for start in range(0, len(pairs), batch):
+            writer.write_batch(pair_columns(pairs[start:start + batch]))
+        writer.finalize()
+    return datasets.Dataset.from_file(str(path))
 
 
 def _drop(ds: datasets.Dataset) -> tuple[datasets.Dataset, dict[str, int]]:

@@ -11,6 +11,7 @@ a whole (not UTF-8, a damaged gzip stream or Parquet file, a duplicate column) i
 
 from __future__ import annotations
 
+import codecs
 import csv
 import gzip
 import io
@@ -18,10 +19,10 @@ import json
 import re
 import zlib
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, cast, overload
 
 READERS_BY_SUFFIX = (".jsonl", ".json", ".parquet", ".csv")
 _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -49,9 +50,9 @@ class RowSource:
     """Rows read from one source, plus how to point at each of them in messages."""
 
     name: str
-    rows: list[dict[str, Any] | UnreadableRow]
+    rows: Sequence[dict[str, Any] | UnreadableRow]  # a list, or ArrowRows over a datasets.Dataset
     line_numbers: list[int] | None = None  # physical 1-based lines, for JSON Lines only
-    index: list[Any] | None = None  # in-memory rows: the caller's own index (list position, DataFrame label)
+    index: Sequence[Any] | None = None  # in-memory rows: the caller's own index (list position, DataFrame label)
 
     def where(self, i: int) -> str:
         """Name row ``i`` (0-based) for a message: ``name line N`` or ``name row N`` (N: ``number(i)``)."""
@@ -75,6 +76,10 @@ class RowSource:
     def __len__(self) -> int:
         return len(self.rows)
 
+    def without_rows(self) -> RowSource:
+        """This source for naming rows only (``where``, ``number``): its rows let go once normalized."""
+        return RowSource(name=self.name, rows=[], line_numbers=self.line_numbers, index=self.index)
+
 
 def clip(text: str, limit: int = 120) -> str:
     """``text`` cut to ``limit`` characters, for quoting a row's own text (a key, a role) in a message."""
@@ -90,11 +95,12 @@ def rows_from_memory(data: Any, name: str) -> RowSource:
     a JSON file.
     """
     kind = f"{type(data).__module__}.{type(data).__name__}"
+    rows: Sequence[Any]
     if kind.startswith("datasets.") and hasattr(data, "keys") and not hasattr(data, "to_list"):
         raise DataError(f"{name}: a DatasetDict with splits {sorted(data.keys())}; pass one split, e.g. "
                         f"{name}=ds[{next(iter(data.keys()), 'train')!r}]")
     if kind.startswith("datasets.") and hasattr(data, "to_list"):
-        rows, index = data.to_list(), None
+        rows, index = ArrowRows(data), None
     elif kind.startswith("pandas.") and hasattr(data, "to_dict"):
         if not hasattr(data, "columns"):
             raise DataError(f"{name}: a pandas {type(data).__name__}; pass a DataFrame (one row per pair)")
@@ -108,6 +114,31 @@ def rows_from_memory(data: Any, name: str) -> RowSource:
         if not isinstance(row, dict):
             raise DataError(f"{name} row {index[i] if index else i}: expected a dict, got {type(row).__name__}")
     return RowSource(name=name, rows=rows, index=index if index is not None else list(range(len(rows))))
+
+
+class ArrowRows(Sequence[dict[str, Any]]):
+    """A ``datasets.Dataset``'s rows as a sequence of dicts, read from its (memory-mapped) Arrow table a
+    batch at a time: never a Python list of every row."""
+
+    def __init__(self, dataset: Any, batch_size: int = 1000) -> None:
+        self.dataset, self.batch_size = dataset, batch_size
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    @overload
+    def __getitem__(self, i: int) -> dict[str, Any]: ...
+    @overload
+    def __getitem__(self, i: slice) -> list[dict[str, Any]]: ...
+    def __getitem__(self, i: int | slice) -> dict[str, Any] | list[dict[str, Any]]:
+        if isinstance(i, slice):
+            return [self.dataset[j] for j in range(*i.indices(len(self)))]
+        return self.dataset[i]
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for start in range(0, len(self), self.batch_size):
+            batch = self.dataset[start:start + self.batch_size]
+            yield from (dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True))
 
 
 def _plain(value: Any) -> Any:
@@ -171,7 +202,7 @@ def load_hub(name: str, split: str, subset: str | None = None) -> RowSource:
         raise DataError(
             f"cannot load hub dataset {name!r} (subset {subset!r}, split {split!r}): {err}"
         ) from err
-    return RowSource(name=f"{name}:{split}", rows=dataset.to_list())
+    return RowSource(name=f"{name}:{split}", rows=ArrowRows(dataset))
 
 
 def data_suffix(spec: str) -> str | None:
@@ -185,7 +216,11 @@ def data_suffix(spec: str) -> str | None:
 
 
 def read_file(path: Path, name: str | None = None) -> RowSource:
-    """Read a local data file; ``name`` is how messages refer to it (default: the path)."""
+    """Read a local data file; ``name`` is how messages refer to it (default: the path).
+
+    JSON Lines are read a line at a time from the (possibly gzip) stream, so the file's bytes and
+    text are never all in memory at once; .json, .csv and .parquet are read whole.
+    """
     name = name or str(path)
     suffix = data_suffix(path.name)
     if suffix is None:
@@ -193,17 +228,22 @@ def read_file(path: Path, name: str | None = None) -> RowSource:
             f"{name}: unknown file type; expected one of {', '.join(READERS_BY_SUFFIX)} (optionally .gz)"
         )
     try:
+        if suffix == ".jsonl":
+            with _open_bytes(path) as stream:
+                return _read_jsonl_stream(stream, name)
         raw = _read_bytes(path)
     except (OSError, EOFError, zlib.error) as err:  # gzip.BadGzipFile is an OSError; a damaged stream is zlib's
         raise DataError(f"{name}: cannot read: {err}") from err
     return _READERS[suffix](raw, name)
 
 
+def _open_bytes(path: Path) -> BinaryIO:
+    return cast(BinaryIO, gzip.open(path, "rb")) if path.suffix.lower() == ".gz" else path.open("rb")
+
+
 def _read_bytes(path: Path) -> bytes:
-    if path.suffix.lower() == ".gz":
-        with gzip.open(path, "rb") as f:
-            return f.read()
-    return path.read_bytes()
+    with _open_bytes(path) as f:
+        return f.read()
 
 
 def decode_text(raw: bytes, name: str) -> str:
@@ -270,23 +310,44 @@ def _row(value: Any) -> dict[str, Any] | UnreadableRow:
 
 
 def _read_jsonl(raw: bytes, name: str) -> RowSource:
+    return _read_jsonl_stream(io.BytesIO(raw), name)
+
+
+def _read_jsonl_stream(stream: BinaryIO, name: str) -> RowSource:
+    """JSON Lines from a byte stream, one line alive at a time (the rows themselves are kept)."""
     rows: list[dict[str, Any] | UnreadableRow] = []
     line_numbers: list[int] = []
-    # split on "\n" only: str.splitlines() would also break at U+2028 inside JSON strings
-    lines = decode_text(raw, name).split("\n")
-    for line_no, line in enumerate(lines, start=1):
+    offset = 0  # bytes before this line, as the whole file's decode counts them (after a BOM)
+    # binary lines end at b"\n" only: str.splitlines() would also break at U+2028 inside JSON strings
+    for line_no, data in enumerate(stream, start=1):
+        if line_no == 1 and data.startswith(codecs.BOM_UTF8):
+            data = data[len(codecs.BOM_UTF8):]
+        line = _decode_line(data, name, line_no, offset)
+        offset += len(data)
         if not line.strip():
             continue
         try:
             row = _row(_parse_json(line))
         except json.JSONDecodeError as err:
-            cut = " (the file ends inside this line: is it cut short?)" if line_no == len(lines) else ""
+            cut = " (the file ends inside this line: is it cut short?)" if not data.endswith(b"\n") else ""
             row = UnreadableRow(f"malformed JSON: {err}{cut}", "malformed JSON")
         except RecursionError:
             row = UnreadableRow("malformed JSON: nested too deeply to parse", "malformed JSON")
         rows.append(row)
         line_numbers.append(line_no)
     return RowSource(name=name, rows=rows, line_numbers=line_numbers)
+
+
+def _decode_line(data: bytes, name: str, line_no: int, offset: int) -> str:
+    """One line's text; not UTF-8 is the message ``decode_text`` gives for the whole file."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        start, end = err.start + offset, err.end + offset
+        what = (f"byte 0x{data[err.start]:02x} in position {start}" if err.end == err.start + 1
+                else f"bytes in position {start}-{end - 1}")
+        raise DataError(f"{name}: not valid UTF-8 text (line {line_no}: 'utf-8' codec can't decode {what}: "
+                        f"{err.reason})") from err
 
 
 def _read_json(raw: bytes, name: str) -> RowSource:

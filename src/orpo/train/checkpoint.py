@@ -52,6 +52,7 @@ import yaml
 from orpo import disk
 from orpo.config import Config
 from orpo.disk import SaveFailed, remove_tree, stop_on_write_error, write_atomic
+from orpo.train.optim import optimizer_label, optimizer_state_bytes
 from orpo.train.safe_dcp import read_dcp_metadata, safe_planner, safe_reader
 
 __all__ = ["SaveFailed", "TrainState"]
@@ -396,7 +397,8 @@ def save_checkpoint(engine, output_dir: str | Path, model, optimizer, scheduler,
     output_dir = Path(output_dir)
     folder = checkpoint_root(output_dir) / f"step-{state.step}"
     failing = partial(stop_on_write_error, f"checkpoint {folder}", folder, acc,
-                      partial(_checkpoint_bytes, output_dir, engine, model), partial(remove_checkpoint, folder),
+                      partial(_checkpoint_bytes, output_dir, engine, model, cfg.train.optimizer),
+                      partial(remove_checkpoint, folder),
                       resume_hint(output_dir))
     with failing():
         if acc.is_main_process:
@@ -427,15 +429,16 @@ def save_checkpoint(engine, output_dir: str | Path, model, optimizer, scheduler,
     return folder
 
 
-def _checkpoint_bytes(output_dir: Path, engine, model) -> tuple[int, str]:
-    """The size of the newest finished checkpoint, else an estimate from the model and AdamW state."""
+def _checkpoint_bytes(output_dir: Path, engine, model, optimizer: str) -> tuple[int, str]:
+    """The size of the newest finished checkpoint, else an estimate from the model and optimizer state."""
     newest = list_checkpoints(output_dir)
     if newest:
         with contextlib.suppress(OSError, ValueError, KeyError):
             files = json.loads((newest[-1] / MANIFEST).read_text())["files"]
             return sum(e["size"] for e in files.values()), f"the size of {newest[-1].name}"
     params = [p for p in engine.unwrap(model).parameters() if p.requires_grad]
-    return 3 * tensor_bytes(params), "trainable weights and two AdamW moments"
+    return (tensor_bytes(params) + optimizer_state_bytes(optimizer, params),
+            f"trainable weights and {optimizer_label(optimizer)} state")
 
 
 def _dcp_state(engine, model) -> dict[str, Any]:

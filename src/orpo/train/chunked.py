@@ -1,25 +1,30 @@
-"""Token log-probs from final hidden states and the output weights, a chunk of rows at a time.
+"""The LM head a chunk of rows at a time, from final hidden states and the output weights.
 
     z = s · (h Wᵀ + b)              the logits of one row (s: the model's logit scale, 1 for most)
     z ← c · tanh(z / c)             only for models with a final logit soft-cap c (Gemma-2)
     log P(y) = z_y − logsumexp(z)
+    ∂ log P(y) / ∂z = onehot(y) − softmax(z)
 
 The plain path materializes ``z`` for every target row, ``[rows, vocab]`` (2.1 GB in float32 for
 4,096 targets of a 128k vocabulary), then its log-softmax and their gradients. Here no tensor
-larger than ``[chunk_size, vocab]`` ever exists: the forward keeps one float per row (the
-logsumexp), and the backward recomputes each chunk's logits and turns them into the gradients of
-the hidden states, the weight and the bias right away:
+larger than ``[chunk, vocab]`` ever exists. Two functions:
 
-    ∂ log P(y) / ∂z = onehot(y) − softmax(z)
-
-The backward pays one extra ``h Wᵀ`` per chunk (4 head matmuls instead of 3). Liger-Kernel's
-fused losses avoid it by computing the gradient in the forward, which needs the whole loss inside
-the chunk loop; this function returns plain per-token log-probs instead, so every objective (ORPO,
-SFT, DPO, ...) uses it unchanged.
+- ``chunked_loss`` (training): the caller supplies the loss of each chunk as a function of the
+  chunk's token log-probs (the objective's per-pair math; a chunk holds whole pairs, so the loss
+  is a sum over chunks). Each chunk's gradient with respect to the hidden states, the weight and
+  the bias is computed in the forward, while its logits exist; the backward only scales the stored
+  gradients by the incoming scalar. 3 head matmuls per chunk (2 with a frozen head), as many as
+  the plain path: none is recomputed. The scheme of Liger-Kernel's fused linear losses. A pair
+  longer than the chunk size runs in two passes of chunk-size slices (its logits recomputed), so
+  memory stays bounded by the chunk size whatever the response length.
+- ``chunked_token_logps`` (evaluation, reference log-probs, any other caller): plain per-token
+  log-probs; its backward recomputes each chunk's logits (4 head matmuls), since the loss is not
+  known in its forward.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -163,3 +168,119 @@ class _ChunkedTokenLogps(torch.autograd.Function):
                     grad_b += dz.sum(0, dtype=torch.float32)
         return (grad_h, None if grad_w is None else grad_w.to(weight.dtype),
                 None if grad_b is None else grad_b.to(bias.dtype), None, None, None, None, None)
+
+
+# The loss of chunk ``k`` (an index into the row bounds) from its rows' float32 token log-probs.
+ChunkLoss = Callable[[int, torch.Tensor], torch.Tensor]
+
+
+def chunked_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
+                 bounds: Sequence[int], chunk_loss: ChunkLoss, transform: LogitTransform = LogitTransform(),
+                 dtype: torch.dtype | None = None, max_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(Σ_k chunk_loss(k, log P of rows bounds[k]:bounds[k+1]), log P of every row)``; gradients in the forward.
+
+    ``bounds``: the row boundaries of the chunks, Python ints (0 first, ``len(hidden)`` last), so
+    the loop asks the device nothing. ``chunk_loss`` must be a function of its own rows' log-probs
+    only (whole pairs per chunk); it runs with autograd on, in float32, outside autocast. The
+    returned log-probs are detached (for the metrics). ``weight``/``bias``/``dtype``: as in
+    ``chunked_token_logps``. Call it only where a gradient is wanted: it computes one.
+
+    ``max_rows``: the most rows whose logits may exist at once. A chunk of more rows (one pair
+    longer than the chunk size: a long response at a large vocabulary) is run in two passes of
+    ``max_rows`` slices, log-probs first, then the gradients with its logits recomputed: 4 head
+    matmuls for that pair instead of 3, but memory stays bounded by ``max_rows`` whatever its length.
+    """
+    _check_whole(weight)
+    if dtype is None:
+        dtype = compute_dtype(hidden.device.type, weight.dtype)
+    if max_rows is not None and max_rows < 1:
+        raise ValueError(f"max_rows must be at least 1, got {max_rows}")
+    need = (hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
+    return _ChunkedLoss.apply(hidden, weight, bias, targets, tuple(bounds), chunk_loss, transform, dtype, need,
+                              max_rows or hidden.shape[0] or 1)
+
+
+class _Grads:
+    """The head's gradients, summed slice by slice (the weight's in float32: a bf16 sum would round at each)."""
+
+    def __init__(self, hidden, weight, bias, need):
+        need_h, need_w, need_b = need
+        self.h = torch.empty_like(hidden) if need_h else None
+        self.w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        self.b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
+
+    def add(self, rows: slice, dz: torch.Tensor, h: torch.Tensor, w: torch.Tensor) -> None:
+        if self.h is not None:
+            self.h[rows] = dz @ w
+        if self.w is not None:
+            if dz.dtype == torch.float32:
+                self.w.addmm_(dz.t(), h)
+            else:
+                self.w += dz.t() @ h
+        if self.b is not None:
+            self.b += dz.sum(0, dtype=torch.float32)
+
+
+class _ChunkedLoss(torch.autograd.Function):
+    """Forward: per chunk, logits → log-probs → the chunk's loss → its gradients. Backward: scale them."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, bounds, chunk_loss, transform, dtype, need, max_rows):
+        logps = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grads = _Grads(hidden, weight, bias, need)
+        # one cast of the head per forward (at 128k x 4096 in bf16 a 1 GiB copy), not one per chunk
+        w, b = weight.to(dtype), None if bias is None else bias.to(dtype)
+        with torch.autocast(hidden.device.type, enabled=False):
+            for k, (s, e) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+                if e - s <= max_rows:
+                    h, y = hidden[s:e].to(dtype), targets[s:e]
+                    z = _logits(h, w, b, transform)
+                    lse = torch.logsumexp(z, dim=-1)
+                    torch.sub(z.gather(1, y[:, None]).squeeze(1), lse, out=logps[s:e])
+                    loss, g = _loss_and_grad(chunk_loss, k, logps[s:e])
+                    grads.add(slice(s, e), _grad_logits(z, lse, y, g, transform).to(dtype), h, w)
+                    del z
+                else:
+                    loss = _two_passes(hidden, w, b, targets, s, e, k, chunk_loss, transform, dtype, max_rows,
+                                       logps, grads)
+                total += loss
+        # stored in the parameters' dtypes: the float32 sum was only needed while adding chunks
+        ctx.save_for_backward(grads.h, None if grads.w is None else grads.w.to(weight.dtype),
+                              None if grads.b is None else grads.b.to(bias.dtype))
+        ctx.mark_non_differentiable(logps)
+        return total, logps
+
+    @staticmethod
+    def backward(ctx, grad_total, _grad_logps):
+        grads = [None if g is None else g * grad_total.to(g.dtype) for g in ctx.saved_tensors]
+        return (*grads, None, None, None, None, None, None, None)
+
+
+def _two_passes(hidden, w, b, targets, s, e, k, chunk_loss, transform, dtype, max_rows, logps, grads) -> torch.Tensor:
+    """A chunk longer than ``max_rows``: its log-probs slice by slice, its loss, then the gradients (logits again)."""
+    lse = torch.empty(e - s, dtype=torch.float32, device=hidden.device)
+    slices = [(a, min(a + max_rows, e)) for a in range(s, e, max_rows)]
+    for a, z_end in slices:
+        z = _logits(hidden[a:z_end].to(dtype), w, b, transform)
+        torch.logsumexp(z, dim=-1, out=lse[a - s:z_end - s])
+        torch.sub(z.gather(1, targets[a:z_end, None]).squeeze(1), lse[a - s:z_end - s], out=logps[a:z_end])
+        del z
+    loss, g = _loss_and_grad(chunk_loss, k, logps[s:e])
+    for a, z_end in slices:
+        h, part = hidden[a:z_end].to(dtype), slice(a - s, z_end - s)
+        z = _logits(h, w, b, transform)
+        grads.add(slice(a, z_end), _grad_logits(z, lse[part], targets[a:z_end], g[part], transform).to(dtype), h, w)
+        del z
+    return loss
+
+
+def _loss_and_grad(chunk_loss: ChunkLoss, k: int, logps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One chunk's loss (detached) and its gradient with respect to the chunk's log-probs (tiny: one per row)."""
+    with torch.enable_grad():
+        x = logps.detach().requires_grad_()
+        loss = chunk_loss(k, x)
+        if not loss.requires_grad:  # every term of weight 0 (a loss that is only reported)
+            return loss.detach().float(), torch.zeros_like(x)
+        (g,) = torch.autograd.grad(loss, x, allow_unused=True, materialize_grads=True)
+    return loss.detach().float(), g

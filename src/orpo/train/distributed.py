@@ -37,6 +37,7 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 
 from orpo.config import Config, ConfigError
+from orpo.train.optim import optimizer_label, optimizer_state_bytes
 
 ENGINES = ("single", "ddp", "fsdp2", "zero2", "zero3")
 # What the launcher asked for: the environment before any run of this process created an
@@ -405,7 +406,7 @@ def shard_model(model, cpu_offload: bool, mixed_precision: str):
 
 @dataclass
 class MemoryEstimate:
-    """Bytes per process for weights, gradients and AdamW state (activations not included)."""
+    """Bytes per process for weights, gradients and optimizer state (activations not included)."""
 
     weights: int
     gradients: int
@@ -413,6 +414,7 @@ class MemoryEstimate:
     on_device: int  # what stays on the accelerator (all of it unless offloaded)
     capacity: int | None  # what the device has (None: unknown)
     where: str
+    optimizer_label: str = "AdamW"
 
     @property
     def fits(self) -> bool:
@@ -421,7 +423,7 @@ class MemoryEstimate:
     def line(self, engine: Engine) -> str:
         n = engine.accelerator.num_processes
         text = (f"memory per process ({engine.name}, {n} process{'es' if n > 1 else ''}): weights "
-                f"{_gib(self.weights)}, gradients {_gib(self.gradients)}, AdamW {_gib(self.optimizer)}; "
+                f"{_gib(self.weights)}, gradients {_gib(self.gradients)}, {self.optimizer_label} {_gib(self.optimizer)}; "
                 f"{_gib(self.on_device)} on {self.where} before activations")
         if self.capacity is not None:
             text += f" (it has {_gib(self.capacity)})"
@@ -431,12 +433,15 @@ class MemoryEstimate:
         return text
 
 
-def estimate_memory(model, engine: Engine) -> MemoryEstimate:
-    """Weights, gradients (trainable only) and AdamW's two moments, divided by what the engine shards."""
+def estimate_memory(model, engine: Engine, optimizer: str = "adamw") -> MemoryEstimate:
+    """Weights, gradients (trainable only) and the optimizer's state (AdamW: two moments; 8-bit: ~2 bytes
+    a parameter; Adafactor: a row and a column per matrix; Lion: one moment), divided by what the engine
+    shards."""
     n = engine.accelerator.num_processes
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-    grads, optim = trainable, 2 * trainable
+    trainable_params = [p for p in model.parameters() if p.requires_grad]
+    grads = sum(p.numel() * p.element_size() for p in trainable_params)
+    optim = optimizer_state_bytes(optimizer, trainable_params)
     shard_w = n if engine.name in SHARDED else 1
     shard_go = n if engine.name in ("fsdp2", "zero2", "zero3") else 1
     weights, grads, optim = math.ceil(weights / shard_w), math.ceil(grads / shard_go), math.ceil(optim / shard_go)
@@ -444,7 +449,8 @@ def estimate_memory(model, engine: Engine) -> MemoryEstimate:
     if engine.cpu_offload:
         on_device = {"fsdp2": 0, "zero2": weights + grads, "zero3": grads}.get(engine.name, on_device)
     device = engine.accelerator.device
-    return MemoryEstimate(weights, grads, optim, on_device, _capacity(device, engine.accelerator), str(device))
+    return MemoryEstimate(weights, grads, optim, on_device, _capacity(device, engine.accelerator), str(device),
+                          optimizer_label(optimizer))
 
 
 def _capacity(device: torch.device, accelerator: Accelerator) -> int | None:

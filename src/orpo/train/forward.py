@@ -1,23 +1,29 @@
 """How the model runs over a ``PreferenceBatch``: the one place where a training forward happens.
 
 Objectives never call the model themselves. They say which targets they read (``keep_targets``,
-on the CPU in the collate function) and get per-target token log-probs back (``token_logps``), so
-a faster way to compute those log-probs serves every objective, and the objectives stay small math.
-Two such ways, both exact:
+on the CPU in the collate function) and get per-target token log-probs (``token_logps``) or their
+loss (``pair_loss``) back, so a faster way to compute those serves every objective, and the
+objectives stay small math. Two such ways, both exact:
 
 - ``logits_to_keep``: the LM head runs only where a target is read (``keep_targets``).
-- chunked log-probs (``configure_logps``, ``train.logps``): the model's own LM head computes
+- the chunked head (``configure_logps``, ``train.logps``): the model's own LM head computes
   nothing; its input, the final hidden states of the read positions, is taken by a forward
-  pre-hook on the head, and ``chunked.chunked_token_logps`` turns it into log-probs a chunk of
-  rows at a time, so no ``[targets, vocab]`` logits tensor exists, forward or backward.
+  pre-hook on the head and turned into log-probs a chunk of rows at a time, so no
+  ``[targets, vocab]`` logits tensor exists, forward or backward. In training, ``pair_loss`` hands
+  ``chunked.chunked_loss`` chunks of whole pairs and the objective's per-pair loss, and each
+  chunk's gradient is computed while its logits exist (3 head matmuls, none recomputed); without
+  a gradient (evaluation) it is ``chunked.chunked_token_logps``'s forward only.
 
 The hook is the seam that keeps the forward going through the (DDP-wrapped) model's own
 ``forward``, which gradient synchronization relies on: the decoder, ``logits_to_keep`` and the
 wrapper all run as usual, and the head sees an empty input instead of ``[rows, hidden]``.
+Which rows make a chunk is decided from CPU data: ``keep_targets`` orders the targets pair by
+pair and counts each pair's (``PreferenceBatch.pair_rows``), so the step asks the device nothing.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -25,8 +31,8 @@ import torch
 from torch import nn
 
 from orpo.data.collate import IGNORE_INDEX, PreferenceBatch
-from orpo.loss import token_logps_from_logits
-from orpo.train.chunked import LogitTransform, chunked_token_logps, compute_dtype
+from orpo.loss import PairLogps, pair_logps, token_logps_from_logits
+from orpo.train.chunked import LogitTransform, chunked_loss, chunked_token_logps, compute_dtype
 
 LOGPS_MODES = ("auto", "chunked", "full")
 _PLAN_ATTR = "_orpo_logps_plan"
@@ -53,8 +59,14 @@ def keep_targets(batch: PreferenceBatch, read: torch.Tensor, keep_mode: str | No
         labels, segment_ids, response_mask = labels[:, cols], segment_ids[:, cols], response_mask[:, cols]
     # nonzero here, on the CPU: on the device it would wait for the GPU once per micro-batch
     targets = (labels.reshape(-1) != IGNORE_INDEX).nonzero(as_tuple=True)[0]
+    # pair by pair (chosen and rejected of pair i are i and B + i), so chunks of whole pairs are row ranges
+    seg = segment_ids.reshape(-1)[targets].long()
+    pair = torch.where(seg >= batch.num_pairs, seg - batch.num_pairs, seg)
+    order = torch.sort(pair, stable=True).indices
+    # a target of no sequence (a hand-made ``read``) belongs to no pair: no chunk plan then
+    pair_rows = tuple(torch.bincount(pair, minlength=batch.num_pairs).tolist()) if bool((seg >= 0).all()) else None
     return replace(batch, inputs=inputs, labels=labels, segment_ids=segment_ids, response_mask=response_mask,
-                   targets=targets)
+                   targets=targets[order], pair_rows=pair_rows)
 
 
 def token_logps(model, batch: PreferenceBatch) -> torch.Tensor:
@@ -66,6 +78,73 @@ def token_logps(model, batch: PreferenceBatch) -> torch.Tensor:
     if plan is None or not plan.chunked:
         logits = model(**batch.inputs, use_cache=False).logits
         return token_logps_from_logits(logits, batch.labels, batch.targets)
+    head, rows, targets, keep, dtype = _head_rows(model, batch)
+    picked = chunked_token_logps(rows, head.weight, head.bias, targets, plan.transform, plan.chunk_size, dtype)
+    return _scatter(picked, keep, batch.labels.shape)
+
+
+# The loss of some pairs from their ``PairLogps`` and per-pair values (the batch's ``pair_values``, sliced).
+PairLoss = Callable[[PairLogps, dict[str, torch.Tensor]], torch.Tensor]
+
+
+def pair_loss(model, batch: PreferenceBatch, loss_of: PairLoss, nll_on_prompt: bool = False
+              ) -> tuple[torch.Tensor, PairLogps]:
+    """``loss_of`` the batch's pairs (with its gradient) and the batch's ``PairLogps`` (for the metrics).
+
+    ``loss_of`` must be a sum over pairs (its normalizers global, not of the pairs it is given):
+    on the chunked path with a gradient to compute it runs once per chunk of whole pairs inside
+    ``chunked.chunked_loss``, and the chunks' losses add up to the batch's. Elsewhere (full
+    logits, or no gradient) it runs once on the whole batch; the ``PairLogps`` then carry the
+    gradient too.
+    """
+    plan = logps_plan(model)
+    if plan is None or not plan.chunked or not torch.is_grad_enabled() or batch.pair_rows is None:
+        lp = pair_logps(token_logps(model, batch), batch.segment_ids, batch.response_mask, batch.num_pairs,
+                        nll_on_prompt)
+        return loss_of(lp, batch.pair_values), lp
+    head, rows, targets, keep, dtype = _head_rows(model, batch)
+    chunks = pair_chunks(batch.pair_rows, plan.chunk_size)
+    seg = batch.segment_ids.reshape(-1).index_select(0, keep).long()
+    response = batch.response_mask.reshape(-1).index_select(0, keep)
+    b = batch.num_pairs
+
+    def chunk_loss(k: int, logps: torch.Tensor) -> torch.Tensor:
+        p0, p1, s, e = chunks[k]
+        n, sk = p1 - p0, seg[s:e]
+        # the chunk's own sequence ids: chosen of its pair j -> j, rejected -> n + j
+        local = torch.where(sk >= b, sk - b + n, sk) - p0
+        lp = pair_logps(logps, local, response[s:e], n, nll_on_prompt)
+        return loss_of(lp, {name: v[p0:p1] for name, v in batch.pair_values.items()})
+
+    bounds = [c[2] for c in chunks] + [rows.shape[0]]
+    loss, picked = chunked_loss(rows, head.weight, head.bias, targets, bounds, chunk_loss, plan.transform, dtype,
+                                max_rows=plan.chunk_size)
+    token = _scatter(picked, keep, batch.labels.shape)
+    return loss, pair_logps(token, batch.segment_ids, batch.response_mask, batch.num_pairs, nll_on_prompt)
+
+
+def pair_chunks(pair_rows: tuple[int, ...], chunk_size: int) -> list[tuple[int, int, int, int]]:
+    """``(first pair, end pair, first row, end row)`` of each chunk: whole pairs, up to ``chunk_size`` rows.
+
+    Greedy in pair order (the rows are ordered so by ``keep_targets``); a pair of more rows than
+    ``chunk_size`` is a chunk on its own. Plain Python on the batch's CPU counts: no device sync.
+    """
+    chunks: list[tuple[int, int, int, int]] = []
+    p0 = s = rows = 0
+    for p, n in enumerate(pair_rows):
+        if p > p0 and rows + n > chunk_size:
+            chunks.append((p0, p, s, s + rows))
+            p0, s, rows = p, s + rows, 0
+        rows += n
+    if pair_rows:
+        chunks.append((p0, len(pair_rows), s, s + rows))
+    return chunks
+
+
+def _head_rows(model, batch: PreferenceBatch) -> tuple[nn.Linear, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                      torch.dtype]:
+    """Forward with the LM head skipped: the head, the final hidden states of the targets, the
+    targets, their flat indices (``batch.targets``' order) and the dtype the head computes in."""
     with HeadCapture(_head_linears(_inner(model)), skip_head=True) as cap:
         model(**batch.inputs, use_cache=False)
     head, hidden, dtype = cap.single()
@@ -74,10 +153,13 @@ def token_logps(model, batch: PreferenceBatch) -> torch.Tensor:
     if rows.shape[0] != flat.numel():
         raise RuntimeError(f"the LM head saw {rows.shape[0]} positions but the batch has {flat.numel()} targets")
     keep = batch.targets if batch.targets is not None else (flat != IGNORE_INDEX).nonzero(as_tuple=True)[0]
-    picked = chunked_token_logps(rows.index_select(0, keep), head.weight, head.bias, flat.index_select(0, keep),
-                                 plan.transform, plan.chunk_size, dtype)
-    out = torch.zeros(flat.shape, dtype=torch.float32, device=rows.device)
-    return out.index_put((keep,), picked).view(batch.labels.shape)
+    return head, rows.index_select(0, keep), flat.index_select(0, keep), keep, dtype
+
+
+def _scatter(picked: torch.Tensor, keep: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Per-target log-probs back at their positions (0 where there is no target)."""
+    out = torch.zeros(shape.numel(), dtype=torch.float32, device=picked.device)
+    return out.index_put((keep,), picked).view(shape)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -103,8 +185,8 @@ def default_chunk_size(vocab_size: int, device: torch.device | str = "cpu") -> i
     """Rows per chunk: float32 ``[rows, vocab]`` logits of ~64 MiB on a CPU, ~512 MiB on a GPU.
 
     A multiple of 64, at least 64: big enough that the chunk's matmuls run at full speed (a GPU
-    wants more rows per launch), small next to the model and its optimizer state. bench/loss.py
-    sweeps it.
+    wants more rows per launch), small next to the model and its optimizer state. bench/chunk_size.py
+    sweeps it (a chunk holds whole pairs, so one can be larger: a pair longer than it).
     """
     budget = 2**27 if torch.device(device).type == "cuda" else 2**24
     return max(64, (budget // max(vocab_size, 1)) // 64 * 64)

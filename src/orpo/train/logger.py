@@ -1,11 +1,10 @@
-"""Where metrics go: ``metrics.jsonl`` (always), TensorBoard and W&B (when asked), a progress bar.
+"""Where metrics go: ``metrics.jsonl`` (always), the trackers of ``train.report_to`` (``trackers``), a progress bar.
 
 Only the main process logs; the trainer has already all-reduced the numbers it passes in.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -23,8 +22,8 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from orpo.config import ConfigError
 from orpo.disk import append_text, stop_on_write_error, write_atomic
+from orpo.train import trackers
 from orpo.train.checkpoint import resume_hint
 
 METRICS_FILE = "metrics.jsonl"
@@ -38,36 +37,27 @@ def _clean(value: Any) -> Any:
 
 
 def check_report_to(report_to: Sequence[str]) -> None:
-    """Fail before any work when a requested logger cannot run."""
-    if "wandb" in report_to and importlib.util.find_spec("wandb") is None:
-        raise ConfigError("train.report_to includes wandb but wandb is not installed: "
-                          "pip install 'orpo[wandb]' (or remove it from train.report_to)")
+    """Fail before any work when a requested tracker cannot run."""
+    trackers.check_installed(report_to)
 
 
 class MetricsLogger:
-    """One JSON object per logged step in ``metrics.jsonl``, mirrored to TensorBoard / W&B.
+    """One JSON object per logged step in ``metrics.jsonl``, mirrored to the trackers of ``report_to``.
 
     On resume from step N, rows after N (written by the killed run after its last checkpoint)
     are dropped first, so the file reads as one uninterrupted run.
     """
 
     def __init__(self, output_dir: str | Path, report_to: Sequence[str], config: dict[str, Any],
-                 resume_step: int | None = None, run_name: str | None = None):
+                 resume_step: int | None = None, run_name: str | None = None, project: str = "orpo",
+                 tags: Sequence[str] = ()):
         self.path = Path(output_dir) / METRICS_FILE
         self.path.parent.mkdir(parents=True, exist_ok=True)
         kept = _rows_up_to(self.path, resume_step) if resume_step is not None else []
         write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept).encode())
-        self._tb = None
-        self._wandb = None
-        if "tensorboard" in report_to:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._tb = SummaryWriter(str(Path(output_dir) / "tensorboard"), purge_step=resume_step)
-        if "wandb" in report_to:
-            check_report_to(report_to)
-            import wandb
-
-            self._wandb = wandb.init(config=config, name=run_name, dir=str(output_dir), resume="allow")
+        run = trackers.RunInfo(output_dir=Path(output_dir), config=config, resume_step=resume_step,
+                               run_name=run_name or Path(output_dir).name, project=project, tags=tuple(tags))
+        self.trackers = trackers.start(report_to, run)
 
     def log(self, row: dict[str, Any]) -> None:
         row = {k: _clean(v) for k, v in row.items()}
@@ -77,25 +67,18 @@ class MetricsLogger:
                                  next_step=resume_hint(self.path.parent)):
             # open per row: a few rows per second at most, and nothing stays open if the run dies
             append_text(self.path, json.dumps(row) + "\n")
-        step = row["step"]
         scalars = {k: v for k, v in row.items() if k != "step" and isinstance(v, int | float)}
-        if self._tb is not None:
-            for k, v in scalars.items():
-                tag = f"eval/{k.removeprefix('eval_')}" if k.startswith("eval_") else f"train/{k}"
-                self._tb.add_scalar(tag, v, step)
-        if self._wandb is not None:
-            self._wandb.log(scalars, step=step)
+        for t in self.trackers:
+            t.log(scalars, row["step"])
 
-    def log_text(self, tag: str, text: str, step: int) -> None:
-        """A Markdown text at ``step`` in TensorBoard (when it is in report_to); metrics.jsonl holds numbers only."""
-        if self._tb is not None:
-            self._tb.add_text(tag, text, step)
+    def log_samples(self, samples: list[dict[str, Any]], step: int) -> None:
+        """Eval samples (``samples.jsonl`` rows) to every tracker: text in TensorBoard, a table elsewhere."""
+        for t in self.trackers:
+            t.log_samples(samples, step)
 
     def close(self) -> None:
-        if self._tb is not None:
-            self._tb.close()
-        if self._wandb is not None:
-            self._wandb.finish()
+        for t in self.trackers:
+            t.close()
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:

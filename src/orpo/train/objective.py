@@ -2,10 +2,16 @@
 
 An objective has three methods: ``prepare`` (CPU side, in the collate function: keep only the
 targets it reads), ``nll_tokens`` (the batch's NLL denominator, known on the CPU) and ``__call__``
-(one forward for chosen + rejected through ``forward.token_logps``, then its math). It declares
-its loss as weighted ``terms``, each a sum over the batch normalized per NLL token or per pair, so
-the trainer, the metric sums and the logs never need to know which objective runs: a new
-objective is one new class here, not edits across the trainer, evaluation and logging.
+(one forward for chosen + rejected, then its math). It declares its loss as weighted ``terms``,
+each a sum over the batch normalized per NLL token or per pair, so the trainer, the metric sums
+and the logs never need to know which objective runs: a new objective is one new class here, not
+edits across the trainer, evaluation and logging.
+
+The objectives here read both responses (``ReadsResponses``) and state their math once, as
+``sums(PairLogps, pair_values)``: the term sums and their own per-pair metrics. Every term is a
+sum over pairs and the normalizers are the step's, so the same function gives the loss of any
+subset of pairs: ``forward.pair_loss`` runs it per chunk of whole pairs inside the chunked head
+(the gradient computed while the chunk's logits exist), or once on the whole batch.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ import torch
 from orpo.config import OrpoConfig
 from orpo.data.collate import PreferenceBatch
 from orpo.loss import PairLogps, cpo_loss, dpo_loss, log_odds, odds_ratio_loss, pair_logps, simpo_loss
-from orpo.train.forward import keep_targets, token_logps
+from orpo.train.forward import keep_targets, pair_loss, token_logps
 
 Per = Literal["token", "pair"]
 
@@ -70,19 +76,23 @@ class Objective(Protocol):
                  pair_normalizer=None) -> ObjectiveOutput: ...
 
 
-def combine(terms: tuple[LossTerm, ...], term_sums: dict[str, torch.Tensor], logps: PairLogps,
-            own_pair_metrics: dict[str, torch.Tensor], token_normalizer=None,
-            pair_normalizer=None) -> ObjectiveOutput:
-    """The part every objective shares: weight and normalize the terms, add the shared pair metrics.
-
-    Normalizers default to this batch's own counts. The per-pair metrics are summed, not averaged,
-    so ``MetricSums`` can weight every pair the same across micro-batches, ranks and eval batches.
-    """
-    norms = {"token": token_normalizer if token_normalizer is not None else logps.nll_tokens.clamp(min=1),
-             "pair": pair_normalizer if pair_normalizer is not None else max(logps.num_pairs, 1)}
-    # A term of weight 0 is reported, not optimized (e.g. the NLL of SimPO and DPO).
-    loss = sum(t.weight * term_sums[t.name] / norms[t.per] for t in terms if t.weight)
+def weighted(terms: tuple[LossTerm, ...], term_sums: dict[str, torch.Tensor], norms: dict[str, torch.Tensor | float]
+             ) -> torch.Tensor:
+    """``Σ weight · sum / normalizer`` over the terms; a term of weight 0 is reported, not optimized
+    (e.g. the NLL of SimPO and DPO)."""
+    loss = sum((t.weight * term_sums[t.name] / norms[t.per] for t in terms if t.weight),
+               torch.zeros((), device=next(iter(term_sums.values())).device))
     assert isinstance(loss, torch.Tensor)
+    return loss
+
+
+def combine(loss: torch.Tensor, term_sums: dict[str, torch.Tensor], logps: PairLogps,
+            own_pair_metrics: dict[str, torch.Tensor]) -> ObjectiveOutput:
+    """The part every objective shares: the shared pair metrics, everything but the loss detached.
+
+    The per-pair metrics are summed, not averaged, so ``MetricSums`` can weight every pair the
+    same across micro-batches, ranks and eval batches.
+    """
     with torch.no_grad():
         c, r = logps.chosen, logps.rejected
         pair_sums = {"logps_chosen": c.sum(), "logps_rejected": r.sum(), "accuracy": (c > r).float().sum(),
@@ -119,6 +129,30 @@ class ReadsResponses:
         return pair_logps(token_logps(model, batch), batch.segment_ids, batch.response_mask, batch.num_pairs,
                           self.nll_on_prompt)
 
+    @property
+    def terms(self) -> tuple[LossTerm, ...]:
+        """The weighted terms ``sums`` returns (a property or a field of each objective)."""
+        raise NotImplementedError
+
+    def sums(self, lp: PairLogps, values: dict[str, torch.Tensor]
+             ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """The objective's math: its term sums and own per-pair metrics over the pairs of ``lp``."""
+        raise NotImplementedError
+
+    def __call__(self, model, batch: PreferenceBatch, token_normalizer=None, pair_normalizer=None) -> ObjectiveOutput:
+        """One forward of chosen and rejected rows together, the loss normalized by the step's counts
+        (default: this batch's own, known on the CPU), the metrics from the same log-probs."""
+        norms = {"token": token_normalizer if token_normalizer is not None else max(self.nll_tokens(batch), 1),
+                 "pair": pair_normalizer if pair_normalizer is not None else max(batch.num_pairs, 1)}
+
+        def loss_of(lp: PairLogps, values: dict[str, torch.Tensor]) -> torch.Tensor:
+            return weighted(self.terms, self.sums(lp, values)[0], norms)
+
+        loss, lp = pair_loss(model, batch, loss_of, self.nll_on_prompt)
+        with torch.no_grad():
+            term_sums, own = self.sums(lp, batch.pair_values)
+        return combine(loss, term_sums, lp, own)
+
 
 # Every objective also reports the quantity ORPO optimizes, so runs of different objectives compare.
 PREFERENCE_METRICS = (*SHARED_PAIR_METRICS, "log_odds_ratio")
@@ -146,12 +180,10 @@ class ORPOObjective(ReadsResponses):
     def pair_metrics(self) -> tuple[str, ...]:
         return PREFERENCE_METRICS
 
-    def __call__(self, model, batch: PreferenceBatch, token_normalizer=None, pair_normalizer=None) -> ObjectiveOutput:
-        """Forward chosen and rejected rows together, then ``−mean NLL + λ · mean(−log σ(log odds ratio))``."""
-        lp = self.pair_logps(model, batch)
+    def sums(self, lp: PairLogps, values: dict[str, torch.Tensor]):
+        """``Σ −log P`` over the NLL's targets and ``Σ −log σ(log odds ratio)`` (λ: the or_loss weight)."""
         sums = {"nll_loss": lp.nll_sum, "or_loss": odds_ratio_loss(lp.chosen, lp.rejected).sum()}
-        return combine(self.terms, sums, lp, {"log_odds_ratio": log_odds_ratio(lp)}, token_normalizer,
-                       pair_normalizer)
+        return sums, {"log_odds_ratio": log_odds_ratio(lp)}
 
 
 @dataclass(frozen=True)
@@ -163,10 +195,8 @@ class SFTObjective(ReadsResponses):
     terms: tuple[LossTerm, ...] = field(default=(LossTerm("nll_loss", 1.0, "token"),), init=False)
     pair_metrics: tuple[str, ...] = field(default=PREFERENCE_METRICS, init=False)
 
-    def __call__(self, model, batch: PreferenceBatch, token_normalizer=None, pair_normalizer=None) -> ObjectiveOutput:
-        lp = self.pair_logps(model, batch)
-        return combine(self.terms, {"nll_loss": lp.nll_sum}, lp, {"log_odds_ratio": log_odds_ratio(lp)},
-                       token_normalizer, pair_normalizer)
+    def sums(self, lp: PairLogps, values: dict[str, torch.Tensor]):
+        return {"nll_loss": lp.nll_sum}, {"log_odds_ratio": log_odds_ratio(lp)}
 
 
 @dataclass(frozen=True)
@@ -184,11 +214,9 @@ class SimPOObjective(ReadsResponses):
     def terms(self) -> tuple[LossTerm, ...]:
         return (LossTerm("nll_loss", self.nll_weight, "token"), LossTerm("simpo_loss", 1.0, "pair"))
 
-    def __call__(self, model, batch: PreferenceBatch, token_normalizer=None, pair_normalizer=None) -> ObjectiveOutput:
-        lp = self.pair_logps(model, batch)
+    def sums(self, lp: PairLogps, values: dict[str, torch.Tensor]):
         sums = {"nll_loss": lp.nll_sum, "simpo_loss": simpo_loss(lp.chosen, lp.rejected, self.beta, self.gamma).sum()}
-        return combine(self.terms, sums, lp, {"log_odds_ratio": log_odds_ratio(lp)}, token_normalizer,
-                       pair_normalizer)
+        return sums, {"log_odds_ratio": log_odds_ratio(lp)}
 
 
 @dataclass(frozen=True)
@@ -202,11 +230,9 @@ class CPOObjective(ReadsResponses):
     terms: tuple[LossTerm, ...] = field(
         default=(LossTerm("nll_loss", 1.0, "token"), LossTerm("cpo_loss", 1.0, "pair")), init=False)
 
-    def __call__(self, model, batch: PreferenceBatch, token_normalizer=None, pair_normalizer=None) -> ObjectiveOutput:
-        lp = self.pair_logps(model, batch)
+    def sums(self, lp: PairLogps, values: dict[str, torch.Tensor]):
         sums = {"nll_loss": lp.nll_sum, "cpo_loss": cpo_loss(lp.chosen_sum, lp.rejected_sum, self.beta).sum()}
-        return combine(self.terms, sums, lp, {"log_odds_ratio": log_odds_ratio(lp)}, token_normalizer,
-                       pair_normalizer)
+        return sums, {"log_odds_ratio": log_odds_ratio(lp)}
 
 
 # The batch's per-pair values (``PreferenceBatch.pair_values``) DPO reads: summed response
@@ -232,17 +258,19 @@ class DPOObjective(ReadsResponses):
 
     def __call__(self, model, batch: PreferenceBatch, token_normalizer=None, pair_normalizer=None) -> ObjectiveOutput:
         missing = [k for k in REFERENCE_COLUMNS if k not in batch.pair_values]
-        if missing:
+        if missing:  # said before the forward, not from inside the chunked head
             raise ValueError(f"objective dpo needs the reference log-probs {missing} in the batch's pair_values "
                              "(the trainer adds them; see orpo.train.reference.add_reference_logps)")
-        ref_c, ref_r = (batch.pair_values[k] for k in REFERENCE_COLUMNS)
-        lp = self.pair_logps(model, batch)
+        return super().__call__(model, batch, token_normalizer, pair_normalizer)
+
+    def sums(self, lp: PairLogps, values: dict[str, torch.Tensor]):
+        """The reference log-probs are the pairs' own ``values`` (constants: no gradient)."""
+        ref_c, ref_r = (values[k] for k in REFERENCE_COLUMNS)
         per_pair = dpo_loss(lp.chosen_sum, lp.rejected_sum, ref_c, ref_r, self.beta)
         with torch.no_grad():
             reward_margin = self.beta * ((lp.chosen_sum - ref_c) - (lp.rejected_sum - ref_r))
-        return combine(self.terms, {"nll_loss": lp.nll_sum, "dpo_loss": per_pair.sum()}, lp,
-                       {"log_odds_ratio": log_odds_ratio(lp), "reward_margin": reward_margin},
-                       token_normalizer, pair_normalizer)
+        return ({"nll_loss": lp.nll_sum, "dpo_loss": per_pair.sum()},
+                {"log_odds_ratio": log_odds_ratio(lp), "reward_margin": reward_margin})
 
 
 def build_objective(cfg: OrpoConfig) -> Objective:

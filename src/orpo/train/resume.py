@@ -129,7 +129,10 @@ def claim_run_dir(output_dir: Path, start_over: bool) -> disk.FolderLock:
 RESUME_KEYS = (
     "model.name_or_path", "model.init", "model.revision", "model.lora", "model.load_in_4bit",
     "orpo.objective", "orpo.nll_on_prompt", "train.seed", "train.grad_accum", "train.max_tokens_per_batch",
+    "train.optimizer",  # another optimizer's state has other names: nothing in the checkpoint would load
 )
+# what a checkpoint written before a key existed had: the key's default then
+RESUME_DEFAULTS = {"train.optimizer": "adamw"}
 
 
 def check_resume_compatible(ckpt: Path, cfg: Config, fingerprint: str, num_processes: int, engine: str,
@@ -151,6 +154,7 @@ def check_resume_compatible(ckpt: Path, cfg: Config, fingerprint: str, num_proce
                      "(the tokenized training data differs)")
     for key in RESUME_KEYS:
         a, b = _get(saved, key), _get(now, key)
+        a = RESUME_DEFAULTS.get(key) if a is None else a
         if a != b:
             diffs.append(f"{key}: checkpoint {a!r}, now {b!r}")
     old_bs, old_n, bs = saved["train"]["batch_size"], state.num_processes, cfg.train.batch_size

@@ -44,7 +44,7 @@ from orpo import disk
 from orpo.config import Config, ConfigError
 from orpo.data.collate import TOKEN_COLUMNS, Layout, PreferenceBatch, on_device, pair_tokens, resolve_layout
 from orpo.train import checkpoint as ckpt
-from orpo.train import resume
+from orpo.train import resume, trackers
 from orpo.train.distributed import Engine, build_engine, estimate_memory, full_state_dict
 from orpo.train.divergence import diverged
 from orpo.train.evaluate import evaluate
@@ -61,7 +61,7 @@ from orpo.train.model import (
     logits_keep_mode,
 )
 from orpo.train.objective import SHARED_PAIR_METRICS, MetricSums, Objective, build_objective
-from orpo.train.optim import build_optimizer, build_scheduler
+from orpo.train.optim import build_optimizer, build_scheduler, check_optimizer, check_schedule
 from orpo.train.watch import StepCallback, Watcher, build_watchers
 
 ROW_COLUMNS = list(TOKEN_COLUMNS)  # per-pair values (DPO's reference log-probs) are added as columns later
@@ -276,6 +276,9 @@ class Trainer:
         # a folder orpo may not write to is said before anything loads
         self._run_marker = resume.inspect_run_dir(self.output_dir)
         self._setup_accelerator()
+        # the optimizer and schedule keys are checked before anything loads (a CUDA-only optimizer on a CPU)
+        check_optimizer(self.cfg.train, self.accelerator.device)
+        check_schedule(self.cfg.train)
         self.resume_from = resume.resolve_resume(self.cfg, verify=partial(ckpt.inspect_checkpoint,
                                                                         accelerator=self.accelerator),
                                                report=self._print)
@@ -375,7 +378,7 @@ class Trainer:
                     f"{' (LoRA)' if is_peft_model(model) else ''}, on {acc.device}")
         if is_peft_model(model):
             self._print(describe_lora(model))
-        memory = estimate_memory(model, self.engine)
+        memory = estimate_memory(model, self.engine, self.cfg.train.optimizer)
         self._print(memory.line(self.engine))
         if self.engine.sharded and is_peft_model(model) and self.cfg.model.init is not None:
             raise ConfigError(f"LoRA on a fresh model.init under {self.engine.name}: final/ would need the "
@@ -457,11 +460,12 @@ class Trainer:
             if summary is not None:
                 text = json.dumps(summary.to_dict(), indent=2)
                 disk.write_atomic(disk.child(out, "data_summary.json", what), text.encode())
-            logs = [METRICS_FILE] + [name for name in ("tensorboard", "wandb") if name in self.cfg.train.report_to]
-            for name in logs:
+            for name in [METRICS_FILE, *trackers.folders(self.cfg.train.report_to)]:
                 disk.child(out, name, what)
-            self.logger = MetricsLogger(out, self.cfg.train.report_to, self.cfg.model_dump(mode="json"),
-                                        resume_step=self.state.step if self.resume_from else None)
+            t = self.cfg.train
+            self.logger = MetricsLogger(out, t.report_to, self.cfg.model_dump(mode="json"),
+                                        resume_step=self.state.step if self.resume_from else None,
+                                        run_name=t.run_name, project=t.project, tags=t.tags)
         self.accelerator.wait_for_everyone()
 
     # -- train ------------------------------------------------------------------------------
@@ -692,10 +696,11 @@ class Trainer:
             disk.set_marker(self.output_dir, finished_step=self.state.step)
         return folder
 
-    def save_model(self, folder: Path, eval_row: dict[str, Any] | None = None) -> Path:
+    def save_model(self, folder: Path, eval_row: dict[str, Any] | None = None, *, in_run: bool = True) -> Path:
         """A standard HF folder (or LoRA adapter) + tokenizer with its chat template + model card
         (README.md, with ``eval_row``'s numbers), written atomically. Every rank calls it; a write that
-        fails (a full disk) leaves ``folder`` as it was and raises ``SaveFailed`` on every rank."""
+        fails (a full disk) leaves ``folder`` as it was and raises ``SaveFailed`` on every rank.
+        ``in_run=False``: ``folder`` is outside the run folder (a hub push's scratch copy), not recorded there."""
         from orpo.train.card import model_card
 
         self.accelerator.wait_for_everyone()
@@ -708,7 +713,8 @@ class Trainer:
         with disk.stop_on_write_error(f"the model {folder}", folder, self.accelerator, needed,
                                       next_step=ckpt.resume_hint(self.output_dir)):
             if self.is_main:
-                disk.child(self.output_dir, folder.name, ckpt.WHAT)
+                if in_run:
+                    disk.child(self.output_dir, folder.name, ckpt.WHAT)
                 model = self.engine.unwrap(self.model)
                 template = getattr(self.data, "template", None)
                 if template is not None and getattr(template, "jinja", None):

@@ -73,4 +73,9 @@ def build_watchers(cfg: Config) -> list[Watcher]:
 
     # SIGTERM / SIGINT: stop after this step
     watchers.append(StopOnSignal(cfg.train.checkpoint_on_signal))
+    if cfg.train.push_to_hub and cfg.train.hub_model_id:
+        from orpo.train.push import HubPush
+
+        # last: on_end pushes final/ after every other watcher has had its say (best/, notes)
+        watchers.append(HubPush(cfg.train.hub_model_id, cfg.train.hub_private, cfg.train.hub_strategy))
     return watchers
