@@ -22,6 +22,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -190,11 +191,14 @@ def long_pairs(path: Path, pairs: list[dict], n: int, chars: int) -> None:
 def preprocess_point(args: argparse.Namespace, data: Path, name: str) -> dict:
     """``orpo preprocess`` on ``data`` in a child: wall seconds and the child's peak RSS (from ``wait4``)."""
     config = args.out / f"preprocess-{name}.yaml"
+    cache = args.out / f"cache-{name}"
+    if cache.is_dir():  # the bench's own cache from an earlier run: a hit would time nothing
+        shutil.rmtree(cache)
     config.write_text(json.dumps({
         "model": {"init": {"arch": "llama", "hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1,
                            "num_attention_heads": 1, "vocab_size": 512}, "tokenizer": str(STORIES),
                   "chat_template": "none"},
-        "data": {"train": str(data), "max_length": 1024, "cache_dir": str(args.out / f"cache-{name}")},
+        "data": {"train": str(data), "max_length": 1024, "cache_dir": str(cache)},
         "train": {"output_dir": str(args.out / "unused")}}))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     load = os.getloadavg()[0]
@@ -244,6 +248,8 @@ def plot(report: dict, path: Path) -> None:
         for system, style in (("orpo", "o-"), ("trl", "s--")):
             sel = [p for p in points if p[fixed[0]] == fixed[1] and system in p]
             ok = [p for p in sel if "peak_mem_mb" in p[system]]
+            if not ok:
+                continue
             ax.plot([p[axis] for p in ok], [p[system]["peak_mem_mb"] for p in ok], style, label=f"{system} memory")
             for p in sel:
                 if p[system].get("oom"):
@@ -251,14 +257,16 @@ def plot(report: dict, path: Path) -> None:
                                 va="top", color="red")
         ax.set(xscale="log", yscale="log", xlabel=axis, ylabel="training memory (MiB)",
                title=f"training memory vs {axis} ({fixed[0]} {fixed[1]:,})")
-        ax.legend(fontsize=8)
+        if ax.lines:
+            ax.legend(fontsize=8)
     pre = report.get("preprocess", {}).get("points", [])
     if pre:
         ax = axes[2]
         ax.plot([p["pairs"] for p in pre], [p["peak_rss_mb"] for p in pre], "o-", label="peak RSS (MiB)")
         ax.plot([p["pairs"] for p in pre], [p["seconds"] for p in pre], "s--", label="seconds")
         ax.set(xscale="log", yscale="log", xlabel="pairs", title="orpo preprocess")
-        ax.legend(fontsize=8)
+        if ax.lines:
+            ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -290,13 +298,16 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     load = os.getloadavg()
     print(f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} on {os.cpu_count()} CPUs", flush=True)
-    report: dict = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "loadavg_at_start": list(load),
-                    "settings": {k: str(v) for k, v in vars(args).items()}}
-    if "preprocess" in args.parts:
-        report["preprocess"] = preprocess_part(args)
-    if "train" in args.parts:
-        report["train"] = train_part(args)
-    report["loadavg_at_end"] = list(os.getloadavg())
+    # a run of some parts keeps the others' earlier results; each part says when it ran, under what load
+    report: dict = json.loads(args.results.read_text()) if args.results.is_file() else {}
+    for part, run_part in (("preprocess", preprocess_part), ("train", train_part)):
+        if part in args.parts:
+            started, load = time.strftime("%Y-%m-%d %H:%M:%S"), list(os.getloadavg())
+            report[part] = {"started": started, "loadavg_at_start": load,
+                            "settings": {k: str(v) for k, v in vars(args).items()}, **run_part(args),
+                            "loadavg_at_end": list(os.getloadavg())}
+    for old in ("started", "loadavg_at_start", "settings", "loadavg_at_end"):
+        report.pop(old, None)
     args.results.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.results.with_suffix(".tmp")
     tmp.write_text(json.dumps(report, indent=1) + "\n")

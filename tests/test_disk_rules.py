@@ -392,3 +392,33 @@ def test_tilde_in_an_explicit_resume_path_is_expanded(finished, tmp_path, capsys
     capsys.readouterr()
     assert main(["train", str(_config(tmp_path, out, resume="~/run/checkpoints/step-1"))]) == 0
     assert f"resumed from {out / 'checkpoints' / 'step-1'} (step 1)" in capsys.readouterr().err
+
+
+def test_scratch_folders_of_dead_processes_go_and_nothing_else(tmp_path, stories_tokenizer, hh_path):
+    """A kill mid-preprocess left ``.work-*`` folders (the pairs and tokens of the whole dataset) forever."""
+    from orpo import disk
+    from orpo.config import DataConfig
+    from orpo.data.pipeline import prepare_data
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(gone.stdout)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    dead = cache / disk.scratch_name("work", "ab12").replace(f"-{os.getpid()}-", f"-{dead_pid}-")
+    (dead / "sub").mkdir(parents=True)
+    live = cache / disk.scratch_name("work", "cd34")
+    live.mkdir()
+    other_host = cache / dead.name.replace(dead.name.split("-")[2], "0" * 8)
+    other_host.mkdir()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep.txt").write_text("x")
+    link = cache / dead.name.replace("-ab12-", "-ef56-")
+    link.symlink_to(outside)
+    foreign = cache / ".work-mine"
+    foreign.mkdir()
+    cfg = DataConfig(train=str(hh_path), max_length=64, max_samples=8, cache_dir=str(cache))
+    prepare_data(cfg, stories_tokenizer, chat_template="none")
+    assert not dead.exists()
+    assert live.is_dir() and other_host.is_dir() and foreign.is_dir() and link.is_symlink()
+    assert (outside / "keep.txt").read_text() == "x"

@@ -159,7 +159,8 @@ def test_variant_survives_save_reload_and_merge(options, tmp_path, stories_dir, 
         assert sum(weights[k].numel() for k in weights) == lora_params(STORIES, ALL_LINEAR, r=4, dora=True)
     if options.get("use_rslora"):
         assert saved["use_rslora"] is True
-        assert layer.scaling["default"] == pytest.approx(8 / math.sqrt(4))  # not 8 / 4
+        # rsLoRA scales by alpha / sqrt(r), not alpha / r
+        assert layer.scaling["default"] == pytest.approx(8 / math.sqrt(4))
     else:
         assert layer.scaling["default"] == pytest.approx(8 / 4)
     if "init_lora_weights" in options:
@@ -175,7 +176,8 @@ def test_variant_survives_save_reload_and_merge(options, tmp_path, stories_dir, 
     ids = torch.tensor([[1, 200, 300, 400, 42, 7, 99]])
     expected = _logits(trainer.accelerator.unwrap_model(trainer.model), ids)
     torch.testing.assert_close(_logits(adapter, ids), expected, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(_logits(merged, ids), _logits(adapter, ids), rtol=1e-5, atol=1e-5)
+    # merged W + BA (and DoRA's folded magnitude) rounds differently from the adapter's separate terms
+    torch.testing.assert_close(_logits(merged, ids), _logits(adapter, ids), rtol=1e-4, atol=1e-4)
     base_logits = _logits(AutoModelForCausalLM.from_pretrained(str(stories_dir)), ids)
     assert (base_logits - expected).abs().max() > 1e-3  # the adapter learned something
 

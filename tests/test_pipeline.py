@@ -90,7 +90,7 @@ def test_second_run_hits_the_cache_and_settings_change_the_key(preference_dir, s
     first = prepare_data(cfg, tok, chat_template="chatml")
     assert not first.from_cache and first.cache_path == cache / first.fingerprint
     assert sorted(p.name for p in cache.iterdir()) == [first.fingerprint]  # no temporary folders left
-    assert sorted(p.name for p in first.cache_path.iterdir()) == ["summary.json", "train"]
+    assert sorted(p.name for p in first.cache_path.iterdir()) == ["summary.json", "train.arrow"]
 
     second = prepare_data(cfg, tok, chat_template="chatml")
     assert second.from_cache and second.fingerprint == first.fingerprint
@@ -139,7 +139,8 @@ def test_eval_file_and_num_proc(preference_dir, stories_tokenizer, tmp_path):
     two = prepare_data(cfg.model_copy(update={"num_proc": 2}), stories_tokenizer, chat_template="chatml",
                        use_cache=False)
     assert (len(one.train), len(one.eval)) == (40, 10)
-    assert one.summary.rows_read == 310 and one.summary.eval_source == orca
+    # max_samples stops reading the 300 training rows after 40 pairs; the 10 eval rows are all read
+    assert one.summary.rows_read == 40 + 10 and one.summary.eval_source == orca
     assert _rows(one.train) == _rows(two.train) and _rows(one.eval) == _rows(two.eval)
 
 

@@ -69,7 +69,7 @@ ALL_TYPES = ["jsonl", "json", "csv", "parquet"]
 def test_standard_rows_read_back_from_every_file_type(tmp_path, ext, gz):
     path = write_rows(tmp_path / f"pairs.{ext}{'.gz' if gz else ''}", STANDARD_ROWS)
     source = load_rows(str(path))
-    assert source.rows == STANDARD_ROWS
+    assert list(source.rows) == STANDARD_ROWS
     assert source.name == str(path)
     normalized = normalize(source)
     assert normalized.format == "standard"

@@ -68,7 +68,8 @@ def test_merge_gives_the_logits_of_the_adapter_model(lora_run, stories_dir, tmp_
     expected = _logits(trained, ids)
     torch.testing.assert_close(_logits(adapter, ids), expected, rtol=0, atol=0)
     torch.testing.assert_close(_logits(loaded, ids), expected, rtol=0, atol=0)
-    torch.testing.assert_close(_logits(merged, ids), expected, rtol=1e-4, atol=1e-4)  # merged W + BA rounds differently
+    # merged W + BA rounds differently from W x + B A x
+    torch.testing.assert_close(_logits(merged, ids), expected, rtol=1e-4, atol=1e-4)
     base = AutoModelForCausalLM.from_pretrained(str(stories_dir))
     assert (_logits(base, ids) - expected).abs().max() > 1e-3  # the adapter learned something
 
@@ -128,4 +129,5 @@ def test_lora_on_a_fresh_init_model_saves_its_base_and_merges(stories_dir, hh_pa
     merged = AutoModelForCausalLM.from_pretrained(str(merge_lora(final, tmp_path / "merged")))
     ids = torch.tensor([[1, 5, 9, 200]])
     expected = _logits(trainer.accelerator.unwrap_model(trainer.model), ids)
-    torch.testing.assert_close(_logits(merged, ids), expected, rtol=1e-4, atol=1e-4)  # merged W + BA rounds differently
+    # merged W + BA rounds differently from W x + B A x
+    torch.testing.assert_close(_logits(merged, ids), expected, rtol=1e-4, atol=1e-4)

@@ -13,6 +13,8 @@
 - **No symlink is followed** inside an owned folder when writing, replacing or removing.
 - **Durable writes**: ``write_atomic`` (a file) and ``atomic_dir`` (a folder) publish complete
   content or nothing; ``stop_on_write_error`` turns a full disk on any rank into one ``SaveFailed``.
+- **Scratch folders** (the data cache's work and temporary folders) carry their host and process
+  in their name (``scratch_name``); a later run removes those whose process died on this host.
 """
 
 from __future__ import annotations
@@ -20,8 +22,10 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
+import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import sys
@@ -200,6 +204,44 @@ def remove_tree(path: Path) -> None:
         path.unlink()
     elif path.is_dir():
         shutil.rmtree(path)
+
+
+_HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def scratch_name(kind: str, key: str) -> str:
+    """A name for this process's scratch folder (``.KIND-KEY-HOST-PID-RANDOM``), one
+    ``remove_stale_scratch`` can tell as orpo's and as left by a process that died."""
+    return f".{kind}-{key}-{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def remove_stale_scratch(folder: Path, kind: str) -> list[str]:
+    """Remove the ``scratch_name`` folders in ``folder`` whose process, on this host, is gone (a
+    kill mid-write leaves them); those of live processes and of other hosts stay, as does any
+    other name."""
+    pattern = re.compile(rf"^\.{re.escape(kind)}-[0-9a-f]+-(?P<host>[0-9a-f]{{8}})-(?P<pid>\d+)-[0-9a-f]{{8}}$")
+    removed = []
+    try:
+        entries = list(folder.iterdir())
+    except OSError:
+        return []
+    for entry in entries:
+        m = pattern.match(entry.name)
+        if m is None or m["host"] != _HOST or entry.is_symlink() or not entry.is_dir():
+            continue
+        try:
+            os.kill(int(m["pid"]), 0)
+            continue
+        except ProcessLookupError:
+            pass
+        except (PermissionError, OverflowError):
+            continue
+        try:
+            remove_tree(entry)
+            removed.append(entry.name)
+        except OSError:
+            pass
+    return removed
 
 
 # ---------------------------------------------------------------------------------------------

@@ -371,7 +371,7 @@ class FaultSuite:
             for entry in self.cache.iterdir():
                 if entry.name.startswith("."):
                     continue  # a killed write's temporary folder: never read
-                if not ((entry / "summary.json").is_file() and (entry / "train" / "state.json").is_file()):
+                if not ((entry / "summary.json").is_file() and (entry / "train.arrow").is_file()):
                     problems.append(f"data cache entry {entry.name} is half-written")
         if event.kind == "sigterm" and rec.returncode != 4:
             problems.append(f"SIGTERM: exit status {rec.returncode}, not 4")

@@ -20,8 +20,9 @@ from __future__ import annotations
 import os
 import re
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypedDict
 
 from orpo.data.sources import DataError, RowSource, UnreadableRow, clip
@@ -80,7 +81,7 @@ class RowError(DataError):
 class NormalizedRows:
     """The pairs of one source, with what was dropped and why (for the data summary)."""
 
-    pairs: list[Pair]
+    pairs: Sequence[Pair]  # a list, or pairs on disk (``normalize(store=...)``)
     format: str
     rows_read: int
     skipped: dict[str, int] = field(default_factory=dict)
@@ -170,50 +171,70 @@ def normalize(
     fmt: str = "auto",
     columns: ColumnMap | None = None,
     on_bad_row: str = "error",
+    store: Path | None = None,
+    limit: int | None = None,
 ) -> NormalizedRows:
-    """Convert every row of ``source`` to a Pair; the format is detected once, from the first row.
+    """Convert every row of ``source`` to a Pair, in one pass; the format is told from the first
+    readable row (the rows before it are unreadable, which every format reports alike).
 
     ``on_bad_row="error"`` stops at the first bad row with its location, field and reason;
     ``"skip"`` drops bad rows and counts them by kind. No valid pair at all is always an error.
+    ``store``: write the pairs to an Arrow file there as they come (``stored.StoredPairs``), so
+    that no list of every pair is kept. ``limit``: stop reading once that many pairs are read.
     """
     if on_bad_row not in ("error", "skip"):
         raise ValueError(f"on_bad_row must be 'error' or 'skip', not {on_bad_row!r}")
-    if not source.rows:
-        raise DataError(f"{source.name}: no rows")
-    # the format is told from the first readable row; unreadable ones are reported in the loop
-    first = next((r for r in source.rows if not isinstance(r, UnreadableRow)), None)
-    if first is not None:
-        try:
-            if fmt == "auto":
-                fmt = detect_format(first, columns)
-            if fmt == "columns":
-                columns = _column_map(first, columns)
-        except DataError as err:
-            raise DataError(f"{source.name}: {err}") from err
+    from orpo.data.stored import PairWriter
 
+    writer = PairWriter(store) if store is not None else None
     pairs: list[Pair] = []
     indices: list[int] = []
     bad_rows: list[tuple[int, str]] = []
     skipped: Counter[str] = Counter()
     first_errors: list[str] = []
-    for i, row in enumerate(source.rows):
-        try:
-            pairs.append(to_pair(row, fmt, columns))
+    detected = False
+    rows = 0
+    try:
+        for i, row in enumerate(source.rows):
+            if limit is not None and len(indices) >= limit:
+                break
+            rows += 1
+            if not detected and not isinstance(row, UnreadableRow):
+                detected = True
+                try:
+                    if fmt == "auto":
+                        fmt = detect_format(row, columns)
+                    if fmt == "columns":
+                        columns = _column_map(row, columns)
+                except DataError as err:
+                    raise DataError(f"{source.name}: {err}") from err
+            try:
+                pair = to_pair(row, fmt, columns)
+            except RowError as err:
+                message = f"{source.where(i)}: {err}"
+                if on_bad_row == "error" and not err.always_skip:
+                    raise DataError(message) from err
+                skipped[err.kind] += 1
+                bad_rows.append((i, err.kind))
+                if len(first_errors) < MAX_ERROR_EXAMPLES:
+                    first_errors.append(message)
+                continue
             indices.append(i)
-        except RowError as err:
-            message = f"{source.where(i)}: {err}"
-            if on_bad_row == "error" and not err.always_skip:
-                raise DataError(message) from err
-            skipped[err.kind] += 1
-            bad_rows.append((i, err.kind))
-            if len(first_errors) < MAX_ERROR_EXAMPLES:
-                first_errors.append(message)
-    if not pairs:
-        counts = ", ".join(f"{kind}: {n}" for kind, n in skipped.most_common())
-        raise DataError(
-            f"{source.name}: all {len(source.rows)} rows are bad ({counts}); first: {first_errors[0]}"
-        )
-    return NormalizedRows(pairs, fmt, len(source.rows), dict(skipped), first_errors, indices, bad_rows)
+            if writer is not None:
+                writer.append(pair)
+            else:
+                pairs.append(pair)
+        if not rows:
+            raise DataError(f"{source.name}: no rows")
+        if not indices:
+            counts = ", ".join(f"{kind}: {n}" for kind, n in skipped.most_common())
+            raise DataError(f"{source.name}: all {rows} rows are bad ({counts}); first: {first_errors[0]}")
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    kept: Sequence[Pair] = writer.close() if writer is not None else pairs
+    return NormalizedRows(kept, fmt, rows, dict(skipped), first_errors, indices, bad_rows)
 
 
 def implicit_prompt(chosen: str, rejected: str) -> str:

@@ -32,6 +32,7 @@ import numpy as np
 
 from orpo import disk
 from orpo.config import ConfigError, DataConfig, DataSource
+from orpo.data import stored
 from orpo.data.checks import Finding, LengthBias, find_faults, leak_markers, prompt_overlap
 from orpo.data.formats import NormalizedRows, Pair, normalize
 from orpo.data.sources import DataError, RowSource, load_rows, rows_from_memory
@@ -48,7 +49,7 @@ from orpo.data.tokenize import (
 
 logger = logging.getLogger(__name__)
 
-PIPELINE_VERSION = 3  # bump when rendering, tokenization or truncation changes its output
+PIPELINE_VERSION = 4  # bump when rendering, tokenization or truncation changes its output
 LENGTH_KEYS = ("prompt", "chosen", "rejected", "sequence")
 PERCENTILES = (50, 90, 99)
 
@@ -203,25 +204,28 @@ def prepare_data(
             _say(console, f"tokenized data: reusing cache {cache}")
             return hit
 
-    read = read_pairs(cfg, train_specs, eval_spec, seed)
     if cache is None:
-        return _build(cfg, tokenizer, template, seed, fp, read, names)
-    # tokens go to Arrow files beside the cache (not RAM), then into the entry; the folder goes after
-    work: Path | None = cache.parent / f".work-{fp}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        return _build(cfg, tokenizer, template, seed, fp, read_pairs(cfg, train_specs, eval_spec, seed), names)
+    # pairs and tokens go to Arrow files beside the cache (not RAM), then into the entry; the folder goes after
+    for kind in ("work", "tmp"):
+        disk.remove_stale_scratch(cache.parent, kind)
+    work: Path | None = cache.parent / disk.scratch_name("work", fp)
     try:
         cast(Path, work).mkdir(parents=True)
     except OSError as err:
         logger.warning("could not write the data cache %s: %s", cache, err)
         work = None
     try:
+        read = read_pairs(cfg, train_specs, eval_spec, seed, work_dir=work)
         prepared = _build(cfg, tokenizer, template, seed, fp, read, names, work)
     except BaseException as err:
         if work is not None:
             shutil.rmtree(work, ignore_errors=True)
         if not isinstance(err, OSError) or isinstance(err, DataError):
             raise
-        # a full or failing disk: tokenize in memory, as without a cache
+        # a full or failing disk: read and tokenize in memory, as without a cache
         logger.warning("could not write the data cache %s: %s", cache, err)
+        read = read_pairs(cfg, train_specs, eval_spec, seed)
         work, prepared = None, _build(cfg, tokenizer, template, seed, fp, read, names)
     try:
         _save(prepared, cache)
@@ -254,8 +258,9 @@ def _build(cfg: DataConfig, tokenizer, template: ChatTemplate, seed: int, fp: st
 
     tokenized = [train_tok] + ([eval_tok] if eval_tok is not None else [])
     stats = {c: np.concatenate([np.asarray(d[c]) for d in tokenized]) for c in STAT_COLUMNS}
-    train, train_drops = _drop(train_tok)
-    evalset, eval_drops = _drop(eval_tok) if eval_tok is not None else (None, {})
+    train, train_drops = _drop(train_tok, work_dir and work_dir / f"{fp}-train-kept.arrow")
+    evalset, eval_drops = _drop(eval_tok, work_dir and work_dir / f"{fp}-eval-kept.arrow") \
+        if eval_tok is not None else (None, {})
     # an empty set would hang the training loop or give NaN metrics: say why now, with the drops
     if len(train) == 0:
         raise DataError(f"{names[0]}: no training pair left after tokenization{_why(train_drops, limits)}")
@@ -359,17 +364,17 @@ def source_specs(cfg: DataConfig, train_data: Any = None,
 class SourcedPairs:
     """Pairs with the row each came from: ``refs[k] = (source number, row index in that source)``."""
 
-    pairs: list[Pair]
+    pairs: Sequence[Pair]  # a list, or pairs on disk (``stored.StoredPairs``)
     refs: list[tuple[int, int]]
 
     def __len__(self) -> int:
         return len(self.pairs)
 
     def __add__(self, other: SourcedPairs) -> SourcedPairs:
-        return SourcedPairs(self.pairs + other.pairs, self.refs + other.refs)
+        return SourcedPairs(stored.join(self.pairs, other.pairs), self.refs + other.refs)
 
     def select(self, positions: Sequence[int]) -> SourcedPairs:
-        return SourcedPairs([self.pairs[i] for i in positions], [self.refs[i] for i in positions])
+        return SourcedPairs(stored.select(self.pairs, positions), [self.refs[i] for i in positions])
 
 
 @dataclass
@@ -411,8 +416,10 @@ class ReadData:
 
 
 def read_pairs(cfg: DataConfig, train_specs: Sequence[SourceSpec], eval_spec: SourceSpec | None, seed: int,
-               on_bad_row: str | None = None) -> ReadData:
-    """Read and normalize every source, mix the training sources, then split off eval data."""
+               on_bad_row: str | None = None, work_dir: Path | None = None) -> ReadData:
+    """Read and normalize every source, mix the training sources, then split off eval data.
+
+    ``work_dir``: each source's pairs go to an Arrow file there as they are read (bounded memory)."""
     sources: list[RowSource] = []
     norms: list[NormalizedRows] = []
     parts: list[SourcedPairs] = []
@@ -421,7 +428,10 @@ def read_pairs(cfg: DataConfig, train_specs: Sequence[SourceSpec], eval_spec: So
         source = spec.load()
         s = spec.settings
         columns = s.columns.model_dump() if s.columns is not None else None
-        norm = normalize(source, fmt=s.format or "auto", columns=columns, on_bad_row=on_bad_row or cfg.on_bad_row)
+        # data.max_samples (one training source) keeps the first N pairs: the rest is never read
+        limit = cfg.max_samples if k == 0 and len(train_specs) == 1 else None
+        norm = normalize(source, fmt=s.format or "auto", columns=columns, on_bad_row=on_bad_row or cfg.on_bad_row,
+                         store=work_dir / f"pairs-{k}.arrow" if work_dir is not None else None, limit=limit)
         if not spec.in_memory:  # the caller's own rows stay theirs; a file's rows live on only as pairs
             source, spec.rows = source.without_rows(), None
         sources.append(source)
@@ -512,57 +522,116 @@ def run_checks(read: ReadData, subject: SourcedPairs, markers: Sequence[str], na
     return out
 
 
-def tokenize_pairs(pairs: list[Pair], template: ChatTemplate, tokenizer, limits: Limits,
+def tokenize_pairs(pairs: Sequence[Pair], template: ChatTemplate, tokenizer, limits: Limits,
                    num_proc: int | None = None, fingerprint: str | None = None,
                    work_dir: Path | None = None) -> datasets.Dataset:
     """Render + tokenize with ``Dataset.map`` (batched; ``num_proc`` workers): token + stat columns.
 
-    With ``work_dir`` the pairs and their tokens are written there as Arrow files a batch at a time
-    and memory-mapped back, so the token columns (the largest part) never sit in RAM whole.
+    With ``work_dir`` the pairs (unless already on disk) and their tokens are written there as Arrow
+    files a batch at a time and memory-mapped back, so neither ever sits in RAM whole.
     """
     name = fingerprint or uuid.uuid4().hex
-    ds = _pairs_dataset(pairs, work_dir / f"{name}-pairs.arrow") if work_dir is not None else \
-        datasets.Dataset.from_dict(pair_columns(pairs))
+    if isinstance(pairs, stored.StoredPairs):
+        ds = pairs.dataset
+    elif work_dir is not None:
+        writer = stored.PairWriter(work_dir / f"{name}-pairs.arrow")
+        for pair in pairs:
+            writer.append(pair)
+        ds = writer.close().dataset
+    else:
+        ds = datasets.Dataset.from_dict(pair_columns(pairs), features=stored.PAIR_FEATURES)
+    fn_kwargs = {"template": template, "tokenizer": tokenizer, "limits": limits}
+    if work_dir is not None and not (num_proc and num_proc > 1):
+        return _tokenize_to_file(ds, work_dir / f"{name}-tokens.arrow", fn_kwargs)
+    # a batch's tokens exist as Python lists (~100 bytes a token) until written: the batch bounds that;
+    # new_fingerprint skips hashing the tokenizer (our own cache key covers it)
     return ds.map(
         tokenize_batch,
         batched=True,
-        batch_size=1000,
+        batch_size=TOKENIZE_BATCH,
         with_indices=True,
         num_proc=num_proc if num_proc and num_proc > 1 and len(ds) > num_proc else None,
         remove_columns=ds.column_names,
-        fn_kwargs={"template": template, "tokenizer": tokenizer, "limits": limits},
-        new_fingerprint=fingerprint,  # skip hashing the tokenizer; our own cache key covers it
+        features=TOKEN_FEATURES,
+        fn_kwargs=fn_kwargs,
+        new_fingerprint=fingerprint,
         cache_file_name=str(work_dir / f"{name}-tokens.arrow") if work_dir is not None else None,
-        writer_batch_size=1000,
+        writer_batch_size=TOKENIZE_BATCH,
         desc="tokenizing",
     )
 
 
-def _pairs_dataset(pairs: Sequence[Pair], path: Path, batch: int = 1000) -> datasets.Dataset:
-    """``pairs`` as an Arrow file at ``path``, written ``batch`` pairs at a time, memory-mapped back."""
+def _tokenize_to_file(ds: datasets.Dataset, path: Path, fn_kwargs: dict[str, Any]) -> datasets.Dataset:
+    """``ds.map(tokenize_batch)`` in this process, reading the pairs as a stream (``stored.column_batches``)
+    and writing the tokens to ``path`` a batch at a time, memory-mapped back."""
     from datasets.arrow_writer import ArrowWriter
+    from datasets.utils.tqdm import tqdm
 
-    features = datasets.Features({
-        "prompt": datasets.Value("string"),
-        "messages": [{"role": datasets.Value("string"), "content": datasets.Value("string")}],
-        "chosen": datasets.Value("string"),
-        "rejected": datasets.Value("string"),
-    })
-    with ArrowWriter(features=features, path=str(path), writer_batch_size=batch) as writer:
-        for start in range(0, len(pairs), batch):
-            writer.write_batch(pair_columns(pairs[start:start + batch]))
+    start = 0
+    with ArrowWriter(features=TOKEN_FEATURES, path=str(path), writer_batch_size=TOKENIZE_BATCH) as writer, \
+            tqdm(total=len(ds), desc="tokenizing", unit=" examples") as progress:
+        for columns in stored.column_batches(ds, TOKENIZE_BATCH):
+            n = len(columns["chosen"])
+            writer.write_batch(tokenize_batch(columns, list(range(start, start + n)), **fn_kwargs))
+            start += n
+            progress.update(n)
         writer.finalize()
     return datasets.Dataset.from_file(str(path))
 
 
-def _drop(ds: datasets.Dataset) -> tuple[datasets.Dataset, dict[str, int]]:
-    """Remove dropped pairs and the statistics columns -> (dataset, reason -> count)."""
+TOKENIZE_BATCH = 256
+# token ids as int32 (every vocabulary fits): half the bytes on disk and in the page cache of int64
+TOKEN_FEATURES = datasets.Features({
+    "chosen_input_ids": datasets.Sequence(datasets.Value("int32")),
+    "chosen_prompt_len": datasets.Value("int32"),
+    "rejected_input_ids": datasets.Sequence(datasets.Value("int32")),
+    "rejected_prompt_len": datasets.Value("int32"),
+    "prompt_tokens": datasets.Value("int32"),
+    "chosen_tokens": datasets.Value("int32"),
+    "rejected_tokens": datasets.Value("int32"),
+    "truncated": datasets.Value("bool"),
+    "drop_reason": datasets.Value("string"),
+})
+
+
+def _drop(ds: datasets.Dataset, path: Path | None = None) -> tuple[datasets.Dataset, dict[str, int]]:
+    """Remove dropped pairs and the statistics columns -> (dataset, reason -> count); with ``path``,
+    the kept rows are written there (``_drop_to_file``)."""
+    if path is not None:
+        return _drop_to_file(ds, path)
     reasons = np.asarray(ds["drop_reason"])
     keep = np.flatnonzero(reasons == "")
     counts = {str(r): int(n) for r, n in zip(*np.unique(reasons[reasons != ""], return_counts=True), strict=True)}
     if len(keep) < len(ds):
         ds = ds.select(keep)
     return ds.remove_columns(list(STAT_COLUMNS)), counts
+
+
+def _drop_to_file(ds: datasets.Dataset, path: Path) -> tuple[datasets.Dataset, dict[str, int]]:
+    """``_drop`` for a tokenized set in a work file: the kept rows' token columns, streamed into ``path``.
+
+    The work file is read as a stream, a batch at a time, not memory-mapped: a mapped copy would
+    put every page of it in this process's resident memory. Anything but one whole file (the
+    shards of a ``num_proc`` map) goes through ``_drop``.
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    from datasets.arrow_writer import ArrowWriter
+
+    whole = stored.whole_file(ds)
+    if whole is None:
+        return _drop(ds)
+    reasons: Counter[str] = Counter()
+    features = datasets.Features({c: TOKEN_FEATURES[c] for c in OUTPUT_COLUMNS})
+    with ArrowWriter(features=features, path=str(path), writer_batch_size=TOKENIZE_BATCH) as writer, \
+            pa.OSFile(whole) as f:
+        for batch in pa.ipc.open_stream(f):
+            reason = batch.column("drop_reason")
+            reasons.update(r for r in reason.to_pylist() if r)
+            kept = batch.filter(pc.equal(reason, "")).select(list(OUTPUT_COLUMNS))
+            writer.write_table(pa.Table.from_batches([kept]))
+        writer.finalize()
+    return datasets.Dataset.from_file(str(path)), dict(reasons)
 
 
 def _length_stats(stats: dict[str, np.ndarray]) -> dict[str, LengthStats]:
@@ -702,14 +771,14 @@ def _quiet_progress() -> Iterator[None]:
 
 
 def _save(prepared: PreparedData, final: Path) -> None:
-    """Write train/, eval/ and summary.json to a temporary folder, then rename it into place."""
+    """Write train.arrow, eval.arrow and summary.json to a temporary folder, then rename it into place."""
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = final.parent / disk.scratch_name("tmp", final.name)
     try:
-        with _quiet_progress():
-            prepared.train.save_to_disk(str(tmp / "train"))
-            if prepared.eval is not None:
-                prepared.eval.save_to_disk(str(tmp / "eval"))
+        tmp.mkdir()
+        _write_split(prepared.train, tmp / "train.arrow")
+        if prepared.eval is not None:
+            _write_split(prepared.eval, tmp / "eval.arrow")
         meta = {"fingerprint": prepared.fingerprint, "template": asdict(prepared.template),
                 "summary": prepared.summary.to_dict()}
         (tmp / "summary.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False))
@@ -723,13 +792,30 @@ def _save(prepared: PreparedData, final: Path) -> None:
     prepared.cache_path = final
 
 
+def _write_split(ds: datasets.Dataset, path: Path) -> None:
+    """``ds`` as one Arrow file at ``path``: a hard link when it is one whole file already (the work
+    folder's, on the same disk), else written a batch at a time."""
+    from datasets.arrow_writer import ArrowWriter
+
+    whole = stored.whole_file(ds)
+    if whole is not None:
+        try:
+            os.link(whole, path)
+            return
+        except OSError:
+            pass
+    with ArrowWriter(features=ds.features, path=str(path), writer_batch_size=TOKENIZE_BATCH) as writer:
+        for table in ds.with_format("arrow").iter(batch_size=TOKENIZE_BATCH):
+            writer.write_table(table)
+        writer.finalize()
+
+
 def _load_cached(path: Path, names: tuple[str, str | None], template: ChatTemplate,
                  fp: str) -> PreparedData | None:
     try:
         meta = json.loads((path / "summary.json").read_text())
-        with _quiet_progress():
-            train = datasets.load_from_disk(str(path / "train"))
-            evalset = datasets.load_from_disk(str(path / "eval")) if (path / "eval").is_dir() else None
+        train = datasets.Dataset.from_file(str(path / "train.arrow"))
+        evalset = datasets.Dataset.from_file(str(path / "eval.arrow")) if (path / "eval.arrow").is_file() else None
         summary = DataSummary.from_dict(meta["summary"])
     except (OSError, ValueError, KeyError, TypeError) as err:
         logger.warning("ignoring unreadable data cache %s (%s); rebuilding it", path, err)

@@ -1,4 +1,4 @@
-"""Read preference rows from a local file or a Hugging Face hub dataset.
+"""Where preference rows come from: a local file (``files.read_file``), a hub dataset, or memory.
 
 Local files keep their physical line numbers (JSON Lines) or row numbers so that every later
 error can say exactly where the bad row is: ``train.jsonl line 17``, ``data.json row 5``.
@@ -11,18 +11,11 @@ a whole (not UTF-8, a damaged gzip stream or Parquet file, a duplicate column) i
 
 from __future__ import annotations
 
-import codecs
-import csv
-import gzip
-import io
-import json
 import re
-import zlib
-from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, cast, overload
+from typing import Any, overload
 
 READERS_BY_SUFFIX = (".jsonl", ".json", ".parquet", ".csv")
 _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -51,7 +44,7 @@ class RowSource:
 
     name: str
     rows: Sequence[dict[str, Any] | UnreadableRow]  # a list, or ArrowRows over a datasets.Dataset
-    line_numbers: list[int] | None = None  # physical 1-based lines, for JSON Lines only
+    line_numbers: Sequence[int] | None = None  # physical 1-based lines, for JSON Lines only
     index: Sequence[Any] | None = None  # in-memory rows: the caller's own index (list position, DataFrame label)
 
     def where(self, i: int) -> str:
@@ -161,6 +154,8 @@ def load_rows(spec: str, split: str = "train", subset: str | None = None) -> Row
     A spec that looks like a path (known extension, or starting with ``./``, ``../``, ``/``, ``~``)
     but does not exist is an error; it is never sent to the hub.
     """
+    from orpo.data.files import read_file
+
     path = Path(spec).expanduser()
     if path.is_file():
         return read_file(path, name=spec)
@@ -215,37 +210,6 @@ def data_suffix(spec: str) -> str | None:
     return None
 
 
-def read_file(path: Path, name: str | None = None) -> RowSource:
-    """Read a local data file; ``name`` is how messages refer to it (default: the path).
-
-    JSON Lines are read a line at a time from the (possibly gzip) stream, so the file's bytes and
-    text are never all in memory at once; .json, .csv and .parquet are read whole.
-    """
-    name = name or str(path)
-    suffix = data_suffix(path.name)
-    if suffix is None:
-        raise DataError(
-            f"{name}: unknown file type; expected one of {', '.join(READERS_BY_SUFFIX)} (optionally .gz)"
-        )
-    try:
-        if suffix == ".jsonl":
-            with _open_bytes(path) as stream:
-                return _read_jsonl_stream(stream, name)
-        raw = _read_bytes(path)
-    except (OSError, EOFError, zlib.error) as err:  # gzip.BadGzipFile is an OSError; a damaged stream is zlib's
-        raise DataError(f"{name}: cannot read: {err}") from err
-    return _READERS[suffix](raw, name)
-
-
-def _open_bytes(path: Path) -> BinaryIO:
-    return cast(BinaryIO, gzip.open(path, "rb")) if path.suffix.lower() == ".gz" else path.open("rb")
-
-
-def _read_bytes(path: Path) -> bytes:
-    with _open_bytes(path) as f:
-        return f.read()
-
-
 def decode_text(raw: bytes, name: str) -> str:
     """The text of a data file's bytes (a byte-order mark dropped, common in exported CSV/JSON).
 
@@ -257,178 +221,3 @@ def decode_text(raw: bytes, name: str) -> str:
     except UnicodeDecodeError as err:
         line = raw.count(b"\n", 0, err.start) + 1
         raise DataError(f"{name}: not valid UTF-8 text (line {line}: {err})") from err
-
-
-class _DuplicateKeyDict(dict):
-    """A JSON object that had a key twice (``json`` keeps the last silently): which key."""
-
-    duplicate: str
-
-
-def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    obj = dict(pairs)
-    if len(obj) == len(pairs):
-        return obj
-    keys = [k for k, _ in pairs]
-    marked = _DuplicateKeyDict(obj)
-    marked.duplicate = next(k for i, k in enumerate(keys) if k in keys[:i])
-    return marked
-
-
-def _parse_json(text: str) -> Any:
-    """``json.loads`` that marks objects with a duplicate key (see ``_duplicate_key``)."""
-    return json.loads(text, object_pairs_hook=_object)
-
-
-def _duplicate_key(row: dict[str, Any]) -> str | None:
-    """The path of the first key given twice anywhere in ``row`` (``prompt[1].content``), or None."""
-    stack: list[tuple[Any, str]] = [(row, "")]
-    while stack:
-        value, path = stack.pop()
-        if isinstance(value, _DuplicateKeyDict):
-            return f"{path}.{_key(value.duplicate)}" if path else _key(value.duplicate)
-        if isinstance(value, dict):
-            stack.extend((v, f"{path}.{_key(k)}" if path else _key(k)) for k, v in reversed(value.items()))
-        elif isinstance(value, list):
-            stack.extend((v, f"{path}[{i}]") for i, v in reversed(list(enumerate(value))))
-    return None
-
-
-def _key(key: str) -> str:
-    """A key as a message can show it: quoted when it holds control characters or lone surrogates."""
-    return key if key.isprintable() else ascii(key)
-
-
-def _row(value: Any) -> dict[str, Any] | UnreadableRow:
-    if not isinstance(value, dict):
-        return UnreadableRow(f"expected a JSON object, got {type(value).__name__}", "not an object")
-    duplicate = _duplicate_key(value)
-    if duplicate is not None:
-        return UnreadableRow("duplicate key: given twice, JSON would keep only the last value", "duplicate key",
-                             field=clip(duplicate))
-    return value
-
-
-def _read_jsonl(raw: bytes, name: str) -> RowSource:
-    return _read_jsonl_stream(io.BytesIO(raw), name)
-
-
-def _read_jsonl_stream(stream: BinaryIO, name: str) -> RowSource:
-    """JSON Lines from a byte stream, one line alive at a time (the rows themselves are kept)."""
-    rows: list[dict[str, Any] | UnreadableRow] = []
-    line_numbers: list[int] = []
-    offset = 0  # bytes before this line, as the whole file's decode counts them (after a BOM)
-    # binary lines end at b"\n" only: str.splitlines() would also break at U+2028 inside JSON strings
-    for line_no, data in enumerate(stream, start=1):
-        if line_no == 1 and data.startswith(codecs.BOM_UTF8):
-            data = data[len(codecs.BOM_UTF8):]
-        line = _decode_line(data, name, line_no, offset)
-        offset += len(data)
-        if not line.strip():
-            continue
-        try:
-            row = _row(_parse_json(line))
-        except json.JSONDecodeError as err:
-            cut = " (the file ends inside this line: is it cut short?)" if not data.endswith(b"\n") else ""
-            row = UnreadableRow(f"malformed JSON: {err}{cut}", "malformed JSON")
-        except RecursionError:
-            row = UnreadableRow("malformed JSON: nested too deeply to parse", "malformed JSON")
-        rows.append(row)
-        line_numbers.append(line_no)
-    return RowSource(name=name, rows=rows, line_numbers=line_numbers)
-
-
-def _decode_line(data: bytes, name: str, line_no: int, offset: int) -> str:
-    """One line's text; not UTF-8 is the message ``decode_text`` gives for the whole file."""
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as err:
-        start, end = err.start + offset, err.end + offset
-        what = (f"byte 0x{data[err.start]:02x} in position {start}" if err.end == err.start + 1
-                else f"bytes in position {start}-{end - 1}")
-        raise DataError(f"{name}: not valid UTF-8 text (line {line_no}: 'utf-8' codec can't decode {what}: "
-                        f"{err.reason})") from err
-
-
-def _read_json(raw: bytes, name: str) -> RowSource:
-    try:
-        data = _parse_json(decode_text(raw, name))
-    except json.JSONDecodeError as err:
-        raise DataError(f"{name}: malformed JSON: {err}") from err
-    except RecursionError as err:
-        raise DataError(f"{name}: malformed JSON: nested too deeply to parse") from err
-    if not isinstance(data, list):
-        raise DataError(
-            f"{name}: expected a top-level JSON list of rows, got {type(data).__name__} "
-            "(for one object per line, use a .jsonl file)"
-        )
-    return RowSource(name=name, rows=[_row(row) for row in data])
-
-
-def _read_csv(raw: bytes, name: str) -> RowSource:
-    reader = csv.reader(io.StringIO(decode_text(raw, name), newline=""))
-    old_limit = csv.field_size_limit(2**31 - 1)  # the default 128 KiB would refuse a long response
-    try:
-        header = next(reader, [])
-        duplicates = [repr(c) for c, n in Counter(header).items() if n > 1]
-        if duplicates:
-            raise DataError(f"{name}: the header names column(s) {clip(', '.join(duplicates))} more than once")
-        rows: list[dict[str, Any] | UnreadableRow] = []
-        for fields in reader:
-            if not fields:
-                continue  # a blank line, as csv.DictReader skips it
-            if len(fields) != len(header):
-                rows.append(UnreadableRow(f"{len(fields)} fields, but the header has {len(header)}",
-                                          "wrong field count"))
-            else:
-                rows.append(dict(zip(header, fields, strict=True)))
-    except csv.Error as err:
-        raise DataError(f"{name} line {reader.line_num}: malformed CSV: {err}") from err
-    finally:
-        csv.field_size_limit(old_limit)
-    return RowSource(name=name, rows=rows)
-
-
-def _read_parquet(raw: bytes, name: str) -> RowSource:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    try:
-        file = pq.ParquetFile(pa.BufferReader(raw))
-        # checked before reading: Arrow refuses a duplicate column with a message listing the whole schema
-        duplicate = _duplicate_column(file.schema_arrow)
-        rows = file.read().to_pylist() if duplicate is None else []
-    except (pa.ArrowException, OSError, UnicodeDecodeError) as err:  # a damaged string page fails to decode
-        reason = " ".join(str(err).split())  # Arrow's messages can span lines
-        raise DataError(f"{name}: cannot read Parquet: {reason}") from err
-    if duplicate is not None:
-        raise DataError(f"{name}: the Parquet schema has column {clip(repr(duplicate))} more than once")
-    return RowSource(name=name, rows=list(rows))
-
-
-def _duplicate_column(schema) -> str | None:
-    """The path of a field name given twice in ``schema`` (top level or inside a struct), or None."""
-    import pyarrow as pa
-
-    stack: list[tuple[list, str]] = [(list(schema), "")]
-    while stack:
-        fields, path = stack.pop()
-        names = [f.name for f in fields]
-        for f in fields:
-            where = f"{path}.{f.name}" if path else f.name
-            if names.count(f.name) > 1:
-                return where
-            t = f.type
-            while pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
-                t = t.value_type
-            if pa.types.is_struct(t):
-                stack.append(([t.field(i) for i in range(t.num_fields)], where))
-    return None
-
-
-_READERS: dict[str, Callable[[bytes, str], RowSource]] = {
-    ".jsonl": _read_jsonl,
-    ".json": _read_json,
-    ".csv": _read_csv,
-    ".parquet": _read_parquet,
-}

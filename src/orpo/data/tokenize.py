@@ -30,6 +30,7 @@ from orpo.data.templates import ChatTemplate, ChatTemplateError, RenderedPair, r
 OUTPUT_COLUMNS = ("chosen_input_ids", "chosen_prompt_len", "rejected_input_ids", "rejected_prompt_len")
 STAT_COLUMNS = ("prompt_tokens", "chosen_tokens", "rejected_tokens", "truncated", "drop_reason")
 PAIR_COLUMNS = ("prompt", "messages", "chosen", "rejected")
+CHARS_PER_CALL = 1_000_000  # text per tokenizer call (see encode_rendered)
 
 # drop reasons
 RESPONSE_TOO_SHORT = "response_too_short"  # fewer than min_response_tokens even untruncated
@@ -109,18 +110,26 @@ def encode_sequences(
     """Tokenize each ``prompt + response`` in one batch call -> (ids with BOS/EOS, prompt length)."""
     special = special or SpecialTokens.of(tokenizer)
     texts = [p + r for p, r in zip(prompts, responses, strict=True)]
-    if getattr(tokenizer, "is_fast", False):
+    backend = _plain_backend(tokenizer)
+    if backend is not None:
+        # the Rust tokenizer itself: transformers' per-sequence conversion of every token's offsets
+        # would cost more than tokenizing; the boundary is read off the one token it needs
+        encodings = backend.encode_batch(texts, add_special_tokens=False)
+        all_ids = [e.ids for e in encodings]
+        bounds = [_boundary(e, len(p)) for e, p in zip(encodings, prompts, strict=True)]
+    elif getattr(tokenizer, "is_fast", False):
         enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+        all_ids = enc["input_ids"]
         bounds = [
             _boundary_from_offsets(offsets, len(p))
             for offsets, p in zip(enc["offset_mapping"], prompts, strict=True)
         ]
     else:
-        enc = tokenizer(texts, add_special_tokens=False, verbose=False)
+        all_ids = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
         alone = tokenizer(list(prompts), add_special_tokens=False, verbose=False)["input_ids"]
-        bounds = [_common_prefix(a, f) for a, f in zip(alone, enc["input_ids"], strict=True)]
+        bounds = [_common_prefix(a, f) for a, f in zip(alone, all_ids, strict=True)]
     out = []
-    for ids, bound, prompt, response in zip(enc["input_ids"], bounds, prompts, responses, strict=True):
+    for ids, bound, prompt, response in zip(all_ids, bounds, prompts, responses, strict=True):
         ids = list(ids)
         if special.bos_id is not None and not prompt.startswith(special.bos_text):
             ids.insert(0, special.bos_id)
@@ -138,6 +147,34 @@ def encode_prompt(text: str, tokenizer) -> list[int]:
     if special.bos_id is not None and not text.startswith(special.bos_text):
         ids = [special.bos_id, *ids]
     return ids
+
+
+def _plain_backend(tokenizer):
+    """The Rust tokenizer behind a fast ``tokenizer`` when calling it directly gives exactly what
+    ``tokenizer(text, add_special_tokens=False)`` gives (no per-call truncation, padding or
+    special-token splitting to apply), else None."""
+    backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
+    if backend is None or not hasattr(backend, "encode_batch"):
+        return None
+    if backend.truncation is not None or backend.padding is not None or getattr(tokenizer, "split_special_tokens",
+                                                                                  False):
+        return None
+    return backend
+
+
+def _boundary(encoding, prompt_chars: int) -> int:
+    """``_boundary_from_offsets`` on a Rust encoding, reading one or two tokens' offsets.
+
+    Tokens come in text order, so the first token ending past the prompt is the one holding its
+    first response character, provided the token before it ends within the prompt; a character no
+    token covers (a normalizer dropped it) or an out-of-order offset reads all offsets instead.
+    """
+    j = encoding.char_to_token(prompt_chars)
+    if j is not None:
+        before = encoding.token_to_chars(j - 1) if j > 0 else None
+        if j == 0 or (before is not None and before[1] <= prompt_chars):
+            return j
+    return _boundary_from_offsets(encoding.offsets, prompt_chars)
 
 
 def _boundary_from_offsets(offsets: Sequence[Sequence[int]], prompt_chars: int) -> int:
@@ -202,14 +239,28 @@ def truncate_pair(
 
 
 def encode_rendered(rendered: Sequence[RenderedPair], tokenizer, limits: Limits) -> list[EncodedPair]:
-    """Tokenize and truncate rendered pairs (one batch tokenizer call for all of them)."""
+    """Tokenize and truncate rendered pairs: one batch tokenizer call per ``CHARS_PER_CALL`` of text.
+
+    A call's untruncated tokens and offsets (~200 bytes a token) live until its pairs are cut to
+    ``max_length``, so the text per call, not the pairs per batch, bounds the memory.
+    """
     special = SpecialTokens.of(tokenizer)
-    prompts = [r.prompt for r in rendered]
-    seqs = encode_sequences(
-        prompts + prompts, [r.chosen for r in rendered] + [r.rejected for r in rendered], tokenizer, special
-    )
-    n = len(rendered)
-    return [truncate_pair(seqs[i], seqs[n + i], limits, special.bos_id) for i in range(n)]
+    out: list[EncodedPair] = []
+    start = 0
+    while start < len(rendered):
+        stop, chars = start, 0
+        while stop < len(rendered) and (stop == start or chars < CHARS_PER_CALL):
+            r = rendered[stop]
+            chars += 2 * len(r.prompt) + len(r.chosen) + len(r.rejected)
+            stop += 1
+        part = rendered[start:stop]
+        prompts = [r.prompt for r in part]
+        seqs = encode_sequences(prompts + prompts, [r.chosen for r in part] + [r.rejected for r in part],
+                                tokenizer, special)
+        n = len(part)
+        out.extend(truncate_pair(seqs[i], seqs[n + i], limits, special.bos_id) for i in range(n))
+        start = stop
+    return out
 
 
 def encode_pairs(pairs: Sequence[Pair], template: ChatTemplate, tokenizer, limits: Limits) -> list[EncodedPair]:
