@@ -407,3 +407,16 @@ def test_auto_falls_back_when_the_model_changes_its_logits_in_a_way_we_do_not_kn
     plan = configure_logps(model, "auto")
     assert not plan.chunked and "logit transform we do not know" in plan.note
     assert configure_logps(_model(stories_dir, {}), "auto").chunked
+
+
+def test_the_row_blocked_logsumexp_is_torchs():
+    """``chunked._logsumexp`` works ``LSE_ROWS`` rows at a time (no second ``[chunk, V]`` copy) and
+    gives torch's values exactly, a ragged last block and a view as ``out`` included."""
+    from orpo.train.chunked import LSE_ROWS, _logsumexp
+
+    z = torch.randn(3 * LSE_ROWS + 5, 1000) * 30
+    expected = torch.logsumexp(z, dim=-1)
+    assert torch.equal(_logsumexp(z), expected)
+    out = torch.zeros(len(z) + 4)
+    _logsumexp(z, out=out[2:-2])
+    assert torch.equal(out[2:-2], expected) and not out[:2].any() and not out[-2:].any()

@@ -45,6 +45,8 @@ def test_adamw_is_the_default_with_full_precision_moments():
     assert type(opt) is torch.optim.AdamW
     state = opt.state[model[1].weight]
     assert state["exp_avg"].dtype == state["exp_avg_sq"].dtype == torch.float32
+    # the fused kernel on the CPU too: no per-parameter sqrt and division copies in each step
+    assert all(g["fused"] for g in opt.param_groups)
 
 
 @needs_bnb

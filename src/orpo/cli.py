@@ -178,6 +178,7 @@ def _parser() -> argparse.ArgumentParser:
                    "how pairs are batched, as data.layout in training (default: auto, the fastest exact one)")
     e.add_argument("--beta", type=float, default=0.1, help="λ used for the reported loss")
     e.add_argument("--max-samples", type=int, default=None)
+    _add_load_flags(e, "each --model", "the weights", LOAD_REVISION_HELP)
     e.set_defaults(func=_cmd_eval)
 
     g = sub.add_parser("generate", help="generate replies to one prompt or a file of them (chat template applied)")
@@ -194,11 +195,15 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=0)
+    _add_load_flags(g, "--model", "the weights", LOAD_REVISION_HELP)
     g.set_defaults(func=_cmd_generate)
 
     m = sub.add_parser("merge", help="merge a LoRA adapter into its base model")
     m.add_argument("adapter", help="adapter folder (e.g. OUTPUT_DIR/final)")
     m.add_argument("output", help="where to write the merged model")
+    _add_load_flags(m, "the base model", "the base, and of the merged model written",
+                    "hub branch, tag or commit of the base model (default: the one adapter_config.json names, "
+                    "else main)")
     m.set_defaults(func=_cmd_merge)
 
     k = sub.add_parser("checkpoints", help="list a run's checkpoints: complete, incomplete or damaged")
@@ -229,6 +234,20 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("config-doc", help="print the configuration reference (Markdown)")
     c.set_defaults(func=_cmd_config_doc)
     return p
+
+
+LOAD_REVISION_HELP = ("hub branch, tag or commit of a hub --model, or of a LoRA adapter's hub base model (default: "
+                      "main, or the one its adapter_config.json names)")
+
+
+def _add_load_flags(parser: argparse.ArgumentParser, code_of: str, dtype_of: str, revision_help: str) -> None:
+    """How a command loads its models and tokenizers: training's model.trust_remote_code, model.dtype
+    and model.revision, as flags."""
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help=f"run the model code {code_of} brings (auto_map in config.json): only code you trust")
+    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                        help=f"dtype of {dtype_of} (default: auto, the checkpoint's own)")
+    parser.add_argument("--revision", default=None, metavar="REV", help=revision_help)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -308,7 +327,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     )
     results: list[dict] = []
     for name in args.model:
-        model, tokenizer = load_for_inference(name)
+        model, tokenizer = load_for_inference(name, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
+                                              revision=args.revision, flags=True)
         prepared = prepare_data(data_cfg, tokenizer, chat_template=args.chat_template)
         if len(results) == 0:
             print(prepared.summary.render(), file=sys.stderr)
@@ -349,7 +369,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         rows = read_prompts(args.prompts)
     else:
         rows = [PromptRow(args.prompt, 1, "--prompt")]
-    model, tokenizer = load_for_inference(args.model)
+    model, tokenizer = load_for_inference(args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
+                                          revision=args.revision, flags=True)
     template = resolve_chat_template(args.chat_template, tokenizer)
 
     def with_system(prompt: str | list[Message]) -> str | list[Message]:
@@ -382,7 +403,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 def _cmd_merge(args: argparse.Namespace) -> int:
     from orpo.train.merge import merge_lora
 
-    path = merge_lora(args.adapter, args.output)
+    path = merge_lora(args.adapter, args.output, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
+                      revision=args.revision)
     print(f"merged model written to {path}")
     return 0
 

@@ -110,6 +110,39 @@ class ModelInit(_Section):
         return value
 
 
+class QuantizationConfig(_Section):
+    """bitsandbytes quantized base weights (QLoRA); each key is one ``BitsAndBytesConfig`` argument."""
+
+    bits: Literal[4, 8] = Field(4, description="4 (QLoRA's 4-bit) or 8 (LLM.int8).")
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type (bnb_4bit_quant_type).")
+    double_quant: bool = Field(True, description="Quantize the 4-bit scales too (bnb_4bit_use_double_quant).")
+    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="4-bit matmul dtype (bnb_4bit_compute_dtype); auto = bfloat16 where the GPU has it, "
+        "else float16."
+    )
+    storage_dtype: Literal["uint8", "bfloat16", "float16", "float32"] = Field(
+        "uint8", description="Dtype the packed 4-bit weights are stored in (bnb_4bit_quant_storage)."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> QuantizationConfig:
+        changed = [k for k in ("quant_type", "double_quant", "compute_dtype", "storage_dtype")
+                   if k in self.model_fields_set]
+        if self.bits == 8 and changed:
+            raise ValueError(f"model.quantization.{changed[0]} is a 4-bit setting: it does nothing with bits 8")
+        return self
+
+
+# from_pretrained arguments orpo sets itself, and the key that sets each (model.init_kwargs may not)
+ORPO_LOAD_ARGS = {
+    "dtype": "model.dtype", "torch_dtype": "model.dtype", "revision": "model.revision",
+    "trust_remote_code": "model.trust_remote_code", "attn_implementation": "model.attn_implementation",
+    "quantization_config": "model.quantization", "load_in_4bit": "model.quantization",
+    "load_in_8bit": "model.quantization", "device_map": "train.distributed (orpo places the model)",
+    "pretrained_model_name_or_path": "model.name_or_path",
+}
+
+
 class ModelConfig(_Section):
     name_or_path: str | None = Field(
         None,
@@ -135,18 +168,67 @@ class ModelConfig(_Section):
         "own, or plain text (none) when it has none.",
     )
     lora: LoraConfig | None = Field(None, description="LoRA settings; omit for full fine-tuning.")
-    load_in_4bit: bool = Field(False, description="QLoRA: 4-bit NF4 base weights (needs lora, a GPU, bitsandbytes).")
+    load_in_4bit: bool = Field(False, description="QLoRA: 4-bit NF4 base weights (needs lora, a GPU, bitsandbytes). "
+                               "The same as quantization: {bits: 4}.")
+    quantization: QuantizationConfig | None = Field(
+        None, description="Quantized base weights through bitsandbytes (QLoRA; needs lora, a GPU), e.g. {bits: 4, "
+        "quant_type: fp4}. Default: none, unless load_in_4bit."
+    )
+    init_kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Extra keyword arguments for from_pretrained of the trained model (TRL's model_init_kwargs), "
+        "e.g. {low_cpu_mem_usage: true} or a config override such as {rope_parameters: {rope_type: linear, "
+        "factor: 2.0, rope_theta: 10000.0}}; not those orpo sets (dtype, revision, ...: their keys).",
+    )
+    gradient_checkpointing_kwargs: dict[str, Any] | None = Field(
+        None, description="Arguments of gradient_checkpointing_enable (with gradient_checkpointing), e.g. "
+        "{use_reentrant: true}; default: {use_reentrant: false}."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _four_bit(cls, value: Any) -> Any:
+        """A 4-bit ``quantization`` sets ``load_in_4bit`` too: the code that treats 4-bit weights apart
+        (placement, FSDP, resume) reads that one key. ``quantized()`` is what loading reads."""
+        if not isinstance(value, dict) or value.get("quantization") is None:
+            return value
+        quant = value["quantization"]
+        bits = quant.bits if isinstance(quant, QuantizationConfig) else quant.get("bits", 4) if isinstance(
+            quant, dict) else None
+        if bits not in (4, 8):
+            # not a section, or bits wrong: the field's own validation says so
+            return value
+        if "load_in_4bit" in value and value["load_in_4bit"] != (bits == 4):
+            raise ValueError(f"model.load_in_4bit={value['load_in_4bit']} contradicts model.quantization.bits={bits}: "
+                             "set only model.quantization")
+        return {**value, "load_in_4bit": bits == 4}
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:
+        for key in self.init_kwargs:
+            if key in ORPO_LOAD_ARGS:
+                raise ValueError(f"model.init_kwargs.{key}: set {ORPO_LOAD_ARGS[key]} instead")
+        if self.init_kwargs and self.init is not None:
+            raise ValueError("model.init_kwargs are from_pretrained arguments, and model.init loads nothing: put "
+                             "config keys in model.init")
+        if self.gradient_checkpointing_kwargs is not None and not self.gradient_checkpointing:
+            raise ValueError("model.gradient_checkpointing_kwargs needs model.gradient_checkpointing: true")
         # neither is allowed: a model object passed to train() in Python (checked when loading)
         if self.name_or_path is not None and self.init is not None:
             raise ValueError("set only one of model.name_or_path and model.init")
         if self.init is not None and self.tokenizer is None:
             raise ValueError("model.init builds a model without a tokenizer: set model.tokenizer too")
+        if self.quantization is not None and self.lora is None:
+            raise ValueError("model.quantization (QLoRA) trains adapters only: add a model.lora section")
         if self.load_in_4bit and self.lora is None:
             raise ValueError("model.load_in_4bit (QLoRA) trains adapters only: add a model.lora section")
         return self
+
+    def quantized(self) -> QuantizationConfig | None:
+        """The quantization to load with: ``quantization``, or today's 4-bit defaults for ``load_in_4bit``."""
+        if self.quantization is None and self.load_in_4bit:
+            return QuantizationConfig(bits=4)
+        return self.quantization
 
 
 class ColumnMap(_Section):
@@ -435,6 +517,37 @@ class HealthConfig(_Section):
     )
 
 
+class EarlyStoppingConfig(_Section):
+    """End a run whose eval metric stopped improving (``orpo.train.early_stop``); best/ keeps its best model."""
+
+    metric: str = Field("eval_loss", description="The eval metric judged: any eval_* key of the eval rows.")
+    mode: Literal["min", "max"] | None = Field(
+        None, description="min: lower is better; max: higher. Default from the metric (max for accuracy, margin, "
+        "log_odds_ratio, logps_chosen; min for losses, ppl, logps_rejected); required for any other metric.",
+    )
+    patience: int = Field(3, ge=1, description="Stop after this many evals in a row without an improvement.")
+    threshold: float = Field(
+        0.0, ge=0, description="An improvement is a change past the best so far by more than this, in the "
+        "metric's units.",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> EarlyStoppingConfig:
+        if not self.metric.startswith("eval_"):
+            raise ValueError(f"train.early_stopping.metric: '{self.metric}' is not an eval metric (eval_loss, "
+                             "eval_accuracy, ...)")
+        if self.mode is None and metric_goal(self.metric) is None:
+            raise ValueError(f"train.early_stopping.mode: whether '{self.metric}' should go down or up is not "
+                             "known: set mode to min or max")
+        return self
+
+    def goal(self) -> Literal["min", "max"]:
+        """``mode``, or the metric's own direction when unset."""
+        goal = self.mode or metric_goal(self.metric)
+        assert goal is not None  # refused by _check
+        return goal
+
+
 class TrainConfig(_Section):
     output_dir: str = Field("runs/orpo", description="Where checkpoints, metrics.jsonl and final/ go.")
     max_steps: int | None = Field(None, gt=0, description="Optimizer steps; overrides epochs.")
@@ -494,8 +607,14 @@ class TrainConfig(_Section):
         42, ge=0, lt=2**32, description="Seed for init, shuffling, the eval split and dropout (0 <= seed < 2**32)."
     )
     log_every: int = Field(1, gt=0, description="Write metrics every N steps.")
-    eval_every: int | None = Field(None, gt=0, description="Evaluate every N steps (and at the end).")
-    save_every: int | None = Field(None, gt=0, description="Checkpoint every N steps.")
+    eval_every: int | Literal["epoch"] | None = Field(
+        None, description="Evaluate every N optimizer steps, or `epoch`: on the step that completes each epoch's "
+        "last micro-batch (with grad_accum, the step it falls in); and at the end either way."
+    )
+    save_every: int | Literal["epoch"] | None = Field(
+        None, description="Checkpoint every N optimizer steps, or `epoch`: on the step that completes each epoch "
+        "(as eval_every)."
+    )
     save_total_limit: int | None = Field(2, gt=0, description="Keep only the newest N checkpoints.")
     checkpoint_on_signal: bool = Field(
         True,
@@ -565,6 +684,13 @@ class TrainConfig(_Section):
         "eval_general_ppl, ...): lowest for losses / ppl / logps_rejected, highest for accuracy, margin, "
         "log_odds_ratio, logps_chosen.",
     )
+    early_stopping: EarlyStoppingConfig | None = Field(
+        None,
+        description="End the run normally (final eval and save, exit status 0, a line in the summary) once the "
+        "metric has not improved for patience evals in a row; needs eval_every. best/ keeps the model of the best "
+        "eval: save_best, when set, must name the same metric (and direction); unset, early stopping keeps best/ "
+        "for its own metric.",
+    )
     health: HealthConfig = Field(default_factory=HealthConfig, description="Run-health warnings: the train.health keys below; why each default, docs/health.md.")
     push_to_hub: bool = Field(
         False, description="Push the final model to the Hugging Face Hub repo hub_model_id at the end (main process "
@@ -575,6 +701,19 @@ class TrainConfig(_Section):
     hub_strategy: Literal["end", "every_save"] = Field(
         "end", description="end: push final/ once at the end. every_save: also push the model at each checkpoint "
         "(inline, after the checkpoint is written; a failed checkpoint push is a warning, the run goes on)."
+    )
+    torch_compile: bool = Field(
+        False, description="Compile the model's forward with torch.compile (the first steps are slower while it "
+        "compiles; saved files are those of the plain model)."
+    )
+    use_liger_kernel: bool = Field(
+        False, description="Swap in Liger's Triton kernels for RMSNorm, RoPE and SwiGLU (CUDA only, `pip install "
+        "liger-kernel`); not its fused loss, since orpo computes log-probs with its own chunked head."
+    )
+    neftune_noise_alpha: float | None = Field(
+        None, gt=0, description="NEFTune: add uniform noise of scale alpha / sqrt(seq_len * hidden_size) to the "
+        "input embeddings in training forwards (never in eval, generation or the DPO reference pass); "
+        "the paper uses 5-15. null = off."
     )
 
     @field_validator("output_dir")
@@ -587,6 +726,14 @@ class TrainConfig(_Section):
     @classmethod
     def _expand_resume(cls, value: str) -> str:
         return value if value in ("never", "auto") else os.path.expandvars(os.path.expanduser(value))
+
+    @field_validator("eval_every", "save_every", mode="before")
+    @classmethod
+    def _every(cls, value: Any) -> Any:
+        """One plain message for a bad cadence, not one per branch of the union."""
+        if value is None or value == "epoch" or (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+            return value
+        raise ValueError(f"{value!r} is neither a number of optimizer steps > 0 nor 'epoch'")
 
     @field_validator("num_workers")
     @classmethod
@@ -610,6 +757,19 @@ class TrainConfig(_Section):
             raise ValueError("train.push_to_hub pushes final/: it needs train.save_final true")
         if self.hub_model_id is not None and not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", self.hub_model_id):
             raise ValueError(f"train.hub_model_id: '{self.hub_model_id}' is not a hub repo id ORG/NAME")
+        return self
+
+    @model_validator(mode="after")
+    def _check_early_stopping(self) -> TrainConfig:
+        es = self.early_stopping
+        if es is None:
+            return self
+        if self.eval_every is None:
+            raise ValueError("train.early_stopping judges the evals: set train.eval_every (N steps or epoch)")
+        if self.save_best is not None and (self.save_best != es.metric or metric_goal(self.save_best) != es.goal()):
+            raise ValueError(f"train.early_stopping.metric '{es.metric}' ({es.goal()}) and train.save_best "
+                             f"'{self.save_best}' differ: best/ would not hold the model early stopping judged best; "
+                             "set save_best to the same metric, or leave it unset (early stopping then keeps best/)")
         return self
 
 
@@ -797,9 +957,10 @@ def config_doc() -> str:
            "Generated from `orpo/config.py` (`orpo config-doc`). Override any key on the command line:",
            "`orpo train CONFIG.yaml train.max_steps=100 orpo.beta=0.2`.", ""]
     sections: list[tuple[str, type[BaseModel]]] = [
-        ("model", ModelConfig), ("model.lora", LoraConfig), ("model.init", ModelInit),
+        ("model", ModelConfig), ("model.lora", LoraConfig), ("model.quantization", QuantizationConfig),
+        ("model.init", ModelInit),
         ("data", DataConfig), ("data.train[]", DataSource), ("data.columns", ColumnMap), ("orpo", OrpoConfig),
-        ("train", TrainConfig), ("train.health", HealthConfig),
+        ("train", TrainConfig), ("train.health", HealthConfig), ("train.early_stopping", EarlyStoppingConfig),
     ]
     for name, cls in sections:
         out += [f"## `{name}`", "", "| key | default | description |", "|---|---|---|"]

@@ -28,6 +28,7 @@ TRAIN_MEMORY_KEYS = ("use less with model.dtype=bfloat16 (half of float32), mode
                      "(QLoRA), or train.distributed=fsdp2 over several GPUs (shards the weights)")
 CLI_MEMORY_KEYS = ("free some, or load it in Python with load_for_inference(NAME, dtype='bfloat16') (half of "
                    "float32)")
+FLAG_MEMORY_KEYS = "free some, or load it with --dtype bfloat16 (half of float32)"
 
 
 class ModelLoadError(ConfigError):
@@ -53,11 +54,22 @@ class Source:
         return f"{self.key}={self.name}" if self.key.startswith("model.") else f"{self.key} {self.name}"
 
 
-def cli_source(name: str, key: str, want: Want) -> Source:
-    """A source named by a command-line flag: the CLI has no trust_remote_code or dtype flag (nor a
-    revision one: a hub name loads its main branch)."""
+def cli_source(name: str, key: str, want: Want, revision: str | None = None, flags: bool = False) -> Source:
+    """A source named by a command-line flag. ``flags``: the command has ``--trust-remote-code``,
+    ``--dtype`` and ``--revision`` (eval, generate, merge), and the messages name them; the others
+    have none (a hub name loads its main branch)."""
+    if flags:
+        return Source(name, key, want, revision=revision, revision_key="--revision",
+                      trust_key="--trust-remote-code (trust_remote_code=True in Python)", memory_keys=FLAG_MEMORY_KEYS)
     trust_key = "load_for_inference(NAME, trust_remote_code=True) in Python (no flag for it)"
-    return Source(name, key, want, trust_key=trust_key, memory_keys=CLI_MEMORY_KEYS)
+    return Source(name, key, want, revision=revision, trust_key=trust_key, memory_keys=CLI_MEMORY_KEYS)
+
+
+def check_revision(source: Source) -> None:
+    """A revision the user gave for a local folder would be ignored (a folder has one version): refuse it."""
+    if source.revision is not None and looks_local(source.name):
+        raise ModelLoadError(f"{source.revision_key} {source.revision}: {source.label} is a local folder, which has "
+                             f"no revisions: drop {source.revision_key} (it is for hub names)")
 
 
 def looks_local(name: str) -> bool:
@@ -182,6 +194,26 @@ def load(loader: Callable[..., Any], source: Source, **kwargs: Any) -> Any:
         return loader(name, **kwargs)
 
 
+def load_adapter(adapter_dir: str, base: Source, **kwargs: Any) -> Any:
+    """A LoRA adapter folder on its base model, loaded as ``base`` says (its revision included, which
+    ``AutoPeftModelForCausalLM`` takes only from adapter_config.json). ``kwargs`` go to the base's
+    ``from_pretrained``."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from orpo.train.model import peft_deprecations_silenced
+
+    model = load(AutoModelForCausalLM.from_pretrained, base, **kwargs)
+    folder = Path(local_path(adapter_dir))
+    with explained(base), peft_deprecations_silenced():
+        if (folder / "tokenizer_config.json").is_file():
+            # as AutoPeftModelForCausalLM does: tokens added in training grew the embedding
+            tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=bool(kwargs.get("trust_remote_code")))
+            if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+                model.resize_token_embeddings(len(tokenizer))
+        return PeftModel.from_pretrained(model, str(folder))
+
+
 def adapter_base(source: Source) -> Source:
     """The base model an adapter folder names (``base_model_name_or_path``), as a source of its own,
     so a base that cannot be loaded is named as the base, not as the adapter."""
@@ -233,6 +265,8 @@ def explain(err: BaseException, source: Source) -> str | None:
                 "not a transformers model folder (or not at that revision)")
     if has(hub.OfflineModeIsEnabled, hub.LocalEntryNotFoundError) or "couldn't connect to" in text:
         cache = constants.HF_HUB_CACHE
+        if source.revision is not None:
+            cache += f" at revision {source.revision!r}, {source.revision_key}"
         if constants.HF_HUB_OFFLINE:
             return (f"{label}: not in the Hugging Face cache ({cache}) and HF_HUB_OFFLINE=1 forbids downloading "
                     f"it: download it first with `hf download {name}` (or `huggingface-cli download {name}`) "

@@ -257,7 +257,8 @@ def _build(cfg: DataConfig, tokenizer, template: ChatTemplate, seed: int, fp: st
         eval_tok = tokenize_pairs(read.eval.pairs, template, tokenizer, limits, cfg.num_proc, f"{fp}-eval", work_dir)
 
     tokenized = [train_tok] + ([eval_tok] if eval_tok is not None else [])
-    stats = {c: np.concatenate([np.asarray(d[c]) for d in tokenized]) for c in STAT_COLUMNS}
+    columns = [_stat_columns(d) for d in tokenized]
+    stats = {c: np.concatenate([cols[c] for cols in columns]) for c in STAT_COLUMNS}
     train, train_drops = _drop(train_tok, work_dir and work_dir / f"{fp}-train-kept.arrow")
     evalset, eval_drops = _drop(eval_tok, work_dir and work_dir / f"{fp}-eval-kept.arrow") \
         if eval_tok is not None else (None, {})
@@ -592,6 +593,22 @@ TOKEN_FEATURES = datasets.Features({
     "truncated": datasets.Value("bool"),
     "drop_reason": datasets.Value("string"),
 })
+
+
+def _stat_columns(ds: datasets.Dataset) -> dict[str, np.ndarray]:
+    """The statistics columns of a tokenized set; a whole work file is read as a stream (its mapped
+    pages, token ids around the small statistics buffers included, would count as resident)."""
+    whole = stored.whole_file(ds)
+    if whole is None:
+        return {c: np.asarray(ds[c]) for c in STAT_COLUMNS}
+    import pyarrow as pa
+
+    parts: dict[str, list[np.ndarray]] = {c: [] for c in STAT_COLUMNS}
+    with pa.OSFile(whole) as f:
+        for batch in pa.ipc.open_stream(f):
+            for c in STAT_COLUMNS:
+                parts[c].append(np.asarray(batch.column(c).to_pylist()))
+    return {c: np.concatenate(v) if v else np.asarray(ds[c]) for c, v in parts.items()}
 
 
 def _drop(ds: datasets.Dataset, path: Path | None = None) -> tuple[datasets.Dataset, dict[str, int]]:

@@ -92,6 +92,18 @@ def _logits(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, transform:
     return transform.apply(torch.nn.functional.linear(h.to(w.dtype), w, b).float())
 
 
+LSE_ROWS = 64
+
+
+def _logsumexp(z: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``torch.logsumexp(z, -1)``, ``LSE_ROWS`` rows at a time: its internal ``z − max`` copy is then
+    ``[64, V]``, not a second ``[chunk, V]`` beside the logits (64 MiB at 256 rows of a 65k vocabulary)."""
+    out = torch.empty(z.shape[0], dtype=z.dtype, device=z.device) if out is None else out
+    for r in range(0, z.shape[0], LSE_ROWS):
+        torch.logsumexp(z[r:r + LSE_ROWS], dim=-1, out=out[r:r + LSE_ROWS])
+    return out
+
+
 def _grad_logits(z: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor, g: torch.Tensor | float,
                  transform: LogitTransform) -> torch.Tensor:
     """``g · ∂ log P(y)/∂(hWᵀ+b)`` for one chunk, overwriting its logits ``z``.
@@ -126,7 +138,7 @@ class _ChunkedTokenLogps(torch.autograd.Function):
             for s in range(0, m, chunk_size):
                 rows = slice(s, s + chunk_size)
                 z = _logits(hidden[rows], w, b, transform)
-                torch.logsumexp(z, dim=-1, out=lse[rows])
+                _logsumexp(z, out=lse[rows])
                 picked = z.gather(1, targets[rows, None]).squeeze(1)
                 torch.sub(picked, lse[rows], out=logps[rows])
                 if dlogp_dh is not None:
@@ -236,7 +248,7 @@ class _ChunkedLoss(torch.autograd.Function):
                 if e - s <= max_rows:
                     h, y = hidden[s:e].to(dtype), targets[s:e]
                     z = _logits(h, w, b, transform)
-                    lse = torch.logsumexp(z, dim=-1)
+                    lse = _logsumexp(z)
                     torch.sub(z.gather(1, y[:, None]).squeeze(1), lse, out=logps[s:e])
                     loss, g = _loss_and_grad(chunk_loss, k, logps[s:e])
                     grads.add(slice(s, e), _grad_logits(z, lse, y, g, transform).to(dtype), h, w)
@@ -263,7 +275,7 @@ def _two_passes(hidden, w, b, targets, s, e, k, chunk_loss, transform, dtype, ma
     slices = [(a, min(a + max_rows, e)) for a in range(s, e, max_rows)]
     for a, z_end in slices:
         z = _logits(hidden[a:z_end].to(dtype), w, b, transform)
-        torch.logsumexp(z, dim=-1, out=lse[a - s:z_end - s])
+        _logsumexp(z, out=lse[a - s:z_end - s])
         torch.sub(z.gather(1, targets[a:z_end, None]).squeeze(1), lse[a - s:z_end - s], out=logps[a:z_end])
         del z
     loss, g = _loss_and_grad(chunk_loss, k, logps[s:e])

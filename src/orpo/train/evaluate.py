@@ -13,7 +13,7 @@ from rich.table import Table
 from orpo.data.collate import Layout, PaddedLayout, pair_tokens
 from orpo.loss import sequence_logps
 from orpo.train.forward import token_logps
-from orpo.train.model import ensure_pad_token, logits_keep_mode, peft_deprecations_silenced
+from orpo.train.model import ensure_pad_token, logits_keep_mode
 from orpo.train.objective import MetricSums, Objective, ORPOObjective
 
 
@@ -108,32 +108,44 @@ def _unwrap(model, accelerator):
 
 
 def load_for_inference(name_or_path: str, dtype: str = "auto", device: str | None = None,
-                       trust_remote_code: bool = False, key: str = "--model") -> tuple[Any, Any]:
+                       trust_remote_code: bool = False, key: str = "--model", revision: str | None = None,
+                       flags: bool = False) -> tuple[Any, Any]:
     """A trained model folder (full, or a LoRA adapter with its base) and its tokenizer, ready to run.
 
     The tokenizer comes from the same folder (``final/`` holds it, chat template included) and gets
     a pad token like in training. Placed on CUDA when there is one, in eval mode. ``key`` is how a
     failure names the model (the CLI's flag); it is raised as one-line ``ModelLoadError``.
+    ``revision``: of a hub model, or of an adapter's hub base; ``flags``: the messages name the CLI's
+    ``--dtype`` / ``--revision`` / ``--trust-remote-code``.
     """
+    from dataclasses import replace
+
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from orpo.loading import adapter_base, check_source, cli_source, explained, load, local_path, looks_local
+    from orpo.loading import (
+        adapter_base,
+        check_revision,
+        cli_source,
+        load,
+        load_adapter,
+        local_path,
+        looks_local,
+    )
     from orpo.train.model import DTYPES
 
-    source = cli_source(name_or_path, key, "model or adapter")
+    source = cli_source(name_or_path, key, "model or adapter", revision=revision, flags=flags)
     torch_dtype = "auto" if dtype == "auto" else DTYPES[dtype]
     if looks_local(name_or_path) and (Path(local_path(name_or_path)) / "adapter_config.json").is_file():
-        from peft import AutoPeftModelForCausalLM
-
         base = adapter_base(source)
-        check_source(base, trust_remote_code=trust_remote_code)
-        with explained(base), peft_deprecations_silenced():
-            model = AutoPeftModelForCausalLM.from_pretrained(local_path(name_or_path), dtype=torch_dtype,
-                                                             trust_remote_code=trust_remote_code)
+        if revision is not None:
+            base = replace(base, revision=revision)
+            check_revision(base)
+        model = load_adapter(name_or_path, base, dtype=torch_dtype, trust_remote_code=trust_remote_code)
     else:
+        check_revision(source)
         model = load(AutoModelForCausalLM.from_pretrained, source, dtype=torch_dtype,
                      trust_remote_code=trust_remote_code)
-    tokenizer = load(AutoTokenizer.from_pretrained, cli_source(name_or_path, key, "tokenizer"),
+    tokenizer = load(AutoTokenizer.from_pretrained, replace(source, want="tokenizer"),
                      trust_remote_code=trust_remote_code)
     ensure_pad_token(tokenizer)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from orpo.config import ConfigError, LoraConfig, ModelConfig
+from orpo.config import ConfigError, LoraConfig, ModelConfig, QuantizationConfig
 from orpo.loading import Source, check_source, load
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -80,8 +80,8 @@ def ensure_pad_token(tokenizer) -> PadTokenChoice:
 
 def load_model(cfg: ModelConfig, tokenizer, seed: int = 42, device_map: Any = None) -> PreTrainedModel:
     """The model to train: pretrained or fresh, optionally QLoRA-quantized, LoRA-wrapped, checkpointed."""
-    if cfg.load_in_4bit:
-        check_qlora_available()
+    if cfg.quantized() is not None:
+        check_qlora_available("model.quantization" if cfg.quantization is not None else "model.load_in_4bit")
     if cfg.lora is not None and cfg.init is not None and cfg.lora.init_lora_weights in ("pissa", "olora"):
         raise ConfigError(f"model.lora.init_lora_weights={cfg.lora.init_lora_weights} subtracts the adapter's start "
                           "from the base weights, and a model.init base is saved as trained (final/base): the "
@@ -89,22 +89,33 @@ def load_model(cfg: ModelConfig, tokenizer, seed: int = 42, device_map: Any = No
     if cfg.init is not None:
         model = build_model(cfg, tokenizer, seed)
     else:
-        kwargs: dict[str, Any] = {"trust_remote_code": cfg.trust_remote_code,
-                                  "dtype": "auto" if cfg.dtype == "auto" else DTYPES[cfg.dtype]}
-        if cfg.attn_implementation:
-            kwargs["attn_implementation"] = cfg.attn_implementation
-        if cfg.load_in_4bit:
-            kwargs["quantization_config"] = _bnb_config()
-            kwargs["device_map"] = device_map if device_map is not None else {"": torch.cuda.current_device()}
         if cfg.name_or_path is None:
             raise ConfigError("no model: set model.name_or_path or model.init, or pass a model to train() in Python")
+        if cfg.quantized() is not None and device_map is None:
+            device_map = {"": torch.cuda.current_device()}
         source = Source(cfg.name_or_path, "model.name_or_path", revision=cfg.revision)
-        model = load(AutoModelForCausalLM.from_pretrained, source, **kwargs)
+        model = load(AutoModelForCausalLM.from_pretrained, source, **pretrained_kwargs(cfg, device_map))
     return adapt_model(model, cfg, tokenizer)
 
 
+def pretrained_kwargs(cfg: ModelConfig, device_map: Any = None) -> dict[str, Any]:
+    """The ``from_pretrained`` arguments of the trained model: orpo's keys, then ``model.init_kwargs``
+    (the config refuses those that would overwrite one of orpo's). ``revision`` goes with the source."""
+    kwargs: dict[str, Any] = {"trust_remote_code": cfg.trust_remote_code,
+                              "dtype": "auto" if cfg.dtype == "auto" else DTYPES[cfg.dtype]}
+    if cfg.attn_implementation:
+        kwargs["attn_implementation"] = cfg.attn_implementation
+    quantization = cfg.quantized()
+    if quantization is not None:
+        kwargs["quantization_config"] = bnb_config(quantization)
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    return {**kwargs, **cfg.init_kwargs}
+
+
 # keys that say how to load a model from disk, meaningless for a model object given in Python
-_LOAD_KEYS = ("name_or_path", "init", "revision", "attn_implementation", "load_in_4bit", "trust_remote_code")
+_LOAD_KEYS = ("name_or_path", "init", "revision", "attn_implementation", "load_in_4bit", "trust_remote_code",
+              "quantization", "init_kwargs")
 
 
 def adapt_given_model(model, cfg: ModelConfig, tokenizer) -> PreTrainedModel:
@@ -113,7 +124,7 @@ def adapt_given_model(model, cfg: ModelConfig, tokenizer) -> PreTrainedModel:
     The keys that only say how to load a model must be unset, or they would silently do nothing.
     The object itself is trained (LoRA wraps it in place, as PEFT does).
     """
-    set_keys = [f"model.{k}" for k in _LOAD_KEYS if getattr(cfg, k) not in (None, False)]
+    set_keys = [f"model.{k}" for k in _LOAD_KEYS if getattr(cfg, k) not in (None, False, {})]
     if set_keys:
         raise ConfigError(f"a model object was passed, so {', '.join(set_keys)} would do nothing: unset "
                           f"{'it' if len(set_keys) == 1 else 'them'} (load the model as you need it instead)")
@@ -136,7 +147,7 @@ def adapt_model(model, cfg: ModelConfig, tokenizer) -> PreTrainedModel:
     if len(tokenizer) > rows:
         raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens but the model's embedding only {rows}: "
                           "model.tokenizer does not belong to this model")
-    if cfg.load_in_4bit:
+    if cfg.quantized() is not None:
         from peft import prepare_model_for_kbit_training
 
         # Norms and embeddings to float32, base frozen. Checkpointing is ours (below): PEFT's goes
@@ -145,7 +156,7 @@ def adapt_model(model, cfg: ModelConfig, tokenizer) -> PreTrainedModel:
     if cfg.lora is not None:
         model = apply_lora(model, cfg.lora, revision=cfg.revision)
     if cfg.gradient_checkpointing:
-        enable_checkpointing(base_model(model))
+        enable_checkpointing(base_model(model), cfg.gradient_checkpointing_kwargs)
     return model
 
 
@@ -177,8 +188,9 @@ def disable_dropout(model) -> None:
                 setattr(sub, name, 0.0)
 
 
-def enable_checkpointing(model) -> None:
-    """Non-reentrant activation checkpointing, enabled after any LoRA wrapping.
+def enable_checkpointing(model, kwargs: dict[str, Any] | None = None) -> None:
+    """Non-reentrant activation checkpointing (unless ``kwargs``, ``model.gradient_checkpointing_kwargs``,
+    say otherwise), enabled after any LoRA wrapping.
 
     Non-reentrant: the adapter gets its gradients although the checkpointed layers' inputs are
     frozen; the reentrant mode needs PEFT's ``enable_input_require_grads`` workaround for that.
@@ -186,12 +198,23 @@ def enable_checkpointing(model) -> None:
     hook is the one transformers registers here (harmless: it only adds the embedding output's
     gradient to the backward).
     """
+    from torch.utils.checkpoint import checkpoint
+
+    options = {"use_reentrant": False} if kwargs is None else dict(kwargs)
+    # transformers keeps them in a partial of torch's checkpoint: a wrong name would fail at the first
+    # backward. preserve_rng_state is documented but read from **kwargs.
+    known = [n for n, p in inspect.signature(checkpoint).parameters.items() if p.kind is p.KEYWORD_ONLY]
+    known.append("preserve_rng_state")
+    for key in options:
+        if key not in known:
+            raise ConfigError(f"model.gradient_checkpointing_kwargs.{key}: not an argument of "
+                              f"torch.utils.checkpoint.checkpoint ({', '.join(known)})")
     # transformers 5.x renamed gradient_checkpointing_enable; keep both spellings working.
     enable = getattr(model, "activation_checkpointing_enable", None)
     if enable is not None:
-        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        enable(activation_checkpointing_kwargs=options)
     else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
     model.config.use_cache = False
 
 
@@ -448,21 +471,30 @@ def _summary(names: list[str]) -> str:
     return f"{len(names)} modules of {len(kinds)} kinds in {len(layers - {None})} layers ({shown})"
 
 
-def check_qlora_available() -> None:
-    """QLoRA's 4-bit kernels are CUDA-only bitsandbytes code: say so before loading anything."""
+def check_qlora_available(key: str = "model.load_in_4bit") -> None:
+    """QLoRA's quantized kernels are CUDA bitsandbytes code here: say so before loading anything."""
+    name = key.removeprefix("model.")
     if not torch.cuda.is_available():
-        raise ConfigError("model.load_in_4bit (QLoRA) needs a CUDA GPU; none is visible. "
-                          "Use LoRA without load_in_4bit on this machine.")
+        raise ConfigError(f"{key} (QLoRA) needs a CUDA GPU; none is visible. "
+                          f"Use LoRA without {name} on this machine.")
     if importlib.util.find_spec("bitsandbytes") is None:
-        raise ConfigError("model.load_in_4bit (QLoRA) needs bitsandbytes: pip install 'orpo[qlora]'")
+        raise ConfigError(f"{key} (QLoRA) needs bitsandbytes: pip install 'orpo[qlora]'")
 
 
-def _bnb_config():
+def bnb_config(quant: QuantizationConfig):
+    """The ``BitsAndBytesConfig`` of ``model.quantization``: one argument per key."""
     from transformers import BitsAndBytesConfig
 
-    compute = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=compute)
+    if quant.bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    if quant.compute_dtype != "auto":
+        compute = DTYPES[quant.compute_dtype]
+    else:
+        compute = torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float16
+    storage = torch.uint8 if quant.storage_dtype == "uint8" else DTYPES[quant.storage_dtype]
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant.quant_type,
+                              bnb_4bit_use_double_quant=quant.double_quant, bnb_4bit_compute_dtype=compute,
+                              bnb_4bit_quant_storage=storage)
 
 
 def is_peft_model(model) -> bool:

@@ -149,7 +149,13 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
                           "parameters of fsdp2: use train.distributed=ddp, zero2 or zero3, or adamw / adafactor")
     kwargs = {"lr": cfg.learning_rate, **spec.hyper(cfg), **cfg.optimizer_kwargs}
     if cfg.optimizer == "adamw":
-        kwargs["fused"] = all(p.is_cuda and p.is_floating_point() for p in params) or None
+        # the fused kernel (CUDA, and the CPU's since torch 2.4) updates in place: the loop's sqrt
+        # and division copies of each parameter (128 MiB at a 65k x 256 head and embedding) never
+        # exist; on the CPU not under fp16's loss scaler, whose skipped steps it would hide
+        cuda = all(p.is_cuda and p.is_floating_point() for p in params)
+        cpu = cfg.mixed_precision != "fp16" and all(
+            p.device.type == "cpu" and p.is_floating_point() and not _is_dtensor(p) for p in params)
+        kwargs["fused"] = cuda or cpu or None
     try:
         return cls(groups, **kwargs)
     except (TypeError, ValueError) as e:

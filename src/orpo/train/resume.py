@@ -58,9 +58,14 @@ def finished_step(output_dir: Path, marker: dict[str, Any] | None) -> int | None
     return marker.get("finished_step")
 
 
-def finished_run(output_dir: Path, step: int) -> ResumeError:
-    """``resume: auto`` on a run that has nothing left to train (``final/`` written)."""
+def finished_run(output_dir: Path, step: int, early: str | None = None) -> ResumeError:
+    """``resume: auto`` on a run that has nothing left to train (``final/`` written), or that
+    stopped early (``early``: why)."""
     at = f" at step {step}" if step >= 0 else ""
+    if early:
+        return ResumeError(f"train.resume=auto: {output_dir} holds a run that stopped early (final/ written{at}; "
+                           f"{early}): give a checkpoint as train.resume to train on from it, set "
+                           "train.overwrite=true to train it again from step 0, or pick another train.output_dir")
     return ResumeError(f"train.resume=auto: {output_dir} holds a finished run (final/ written{at}) with nothing left "
                        "to train: raise train.max_steps (or train.epochs) to train on from its last checkpoint, set "
                        "train.overwrite=true to train it again from step 0, or pick another train.output_dir")
@@ -128,11 +133,11 @@ def claim_run_dir(output_dir: Path, start_over: bool) -> disk.FolderLock:
 # as a global micro-batch (batch_size x processes), see check_resume_compatible.
 RESUME_KEYS = (
     "model.name_or_path", "model.init", "model.revision", "model.lora", "model.load_in_4bit",
-    "orpo.objective", "orpo.nll_on_prompt", "train.seed", "train.grad_accum", "train.max_tokens_per_batch",
+    "model.quantization", "model.init_kwargs", "orpo.objective", "orpo.nll_on_prompt", "train.seed", "train.grad_accum", "train.max_tokens_per_batch",
     "train.optimizer",  # another optimizer's state has other names: nothing in the checkpoint would load
 )
 # what a checkpoint written before a key existed had: the key's default then
-RESUME_DEFAULTS = {"train.optimizer": "adamw"}
+RESUME_DEFAULTS: dict[str, Any] = {"train.optimizer": "adamw", "model.init_kwargs": {}}
 
 
 def check_resume_compatible(ckpt: Path, cfg: Config, fingerprint: str, num_processes: int, engine: str,

@@ -267,6 +267,9 @@ class Trainer:
         self.lock: disk.FolderLock | None = None  # on the run folder, from the end of setup to the end of train
         self._run_marker: dict[str, Any] | None = None  # the run folder's marker as set-up found it
         self.stop_request: tuple[str, bool] | None = None
+        # a watcher's request to end the run normally after this step (early stopping)
+        self.finish_request: str | None = None
+        self._epoch_done = False  # whether the last optimizer step completed an epoch
         self.last_eval: dict[str, Any] | None = None  # the newest eval row (the model card's numbers)
 
     # -- setup ------------------------------------------------------------------------------
@@ -383,6 +386,10 @@ class Trainer:
         if self.engine.sharded and is_peft_model(model) and self.cfg.model.init is not None:
             raise ConfigError(f"LoRA on a fresh model.init under {self.engine.name}: final/ would need the "
                               "sharded base weights as well; use a pretrained model.name_or_path, or ddp")
+        from orpo.train.speed import apply_speed_switches
+
+        # train.use_liger_kernel, neftune_noise_alpha, torch_compile; a watcher undoes them at the end
+        self.watchers.append(apply_speed_switches(model, self.cfg.train, acc.device))
         self.model = model
 
     def _reference_key(self) -> str | None:
@@ -436,8 +443,10 @@ class Trainer:
                 self.resume_from, self.cfg, self.data.fingerprint, acc.num_processes, self.engine.name,
                 lambda bs, n: len(epoch_micro_batches(rows, bs, self.cfg.train.seed, 0, 0, n)))
             finished = resume.finished_step(self.output_dir, self._run_marker)
-            if finished is not None and self.state.step >= self.total_steps:
-                raise resume.finished_run(self.output_dir, finished)
+            # a run that stopped early (train.early_stopping) is finished too: auto never trains it on
+            early = (self._run_marker or {}).get("finished_early") if self.cfg.train.resume == "auto" else None
+            if finished is not None and (self.state.step >= self.total_steps or early):
+                raise resume.finished_run(self.output_dir, finished, early)
             note = ckpt.load_checkpoint(self.engine, self.resume_from, self.model, self.optimizer, self.scheduler,
                                         self.state.num_processes)
             self._print(f"resumed from {self.resume_from} (step {self.state.step})" + (f": {note}" if note else ""))
@@ -488,7 +497,7 @@ class Trainer:
                 stream = self._micro_batches()
                 row = None
                 self._save_deferred = False
-                while self.state.step < self.total_steps:
+                while self.state.step < self.total_steps and self.finish_request is None:
                     fetched = [next(stream) for _ in range(t.grad_accum)]
                     step_started = time.perf_counter()
                     out = self._step([b for b, _ in fetched])
@@ -545,6 +554,10 @@ class Trainer:
     def request_stop(self, reason: str, checkpoint: bool = True) -> None:
         """Stop after the current step (every rank must ask); ``checkpoint``: write one first."""
         self.stop_request = (reason, checkpoint)
+
+    def request_finish(self, reason: str) -> None:
+        """End the run normally after the current step (every rank must ask): final eval and save, summary."""
+        self.finish_request = reason
 
     def _stop(self) -> None:
         assert self.stop_request is not None
@@ -623,14 +636,19 @@ class Trainer:
 
     def _advance(self, position: DataPosition, out: StepOutput, seconds: float) -> None:
         self.state.step += 1
+        self._epoch_done = position.epoch > self.state.epoch
         self.state.epoch, self.state.micro_batch = position.epoch, position.micro_batch
         tokens = out.sums.counts[2]
         self.state.tokens_seen += tokens
         self.state.train_seconds += seconds
         self.throughput.add(tokens, seconds)
 
-    def _due(self, every: int | None) -> bool:
-        return every is not None and self.state.step % every == 0
+    def _due(self, every: int | str | None) -> bool:
+        """Whether a cadence falls on this step: every N optimizer steps, or ``"epoch"``: the step that
+        completed an epoch's last micro-batch (the one it falls in, with accumulation)."""
+        if every == "epoch":
+            return self._epoch_done
+        return isinstance(every, int) and self.state.step % every == 0
 
     def _log(self, out: StepOutput) -> dict[str, Any] | None:
         """Write the step's metrics (the true step values over all micro-batches and ranks)."""
@@ -693,7 +711,7 @@ class Trainer:
         """``OUTPUT_DIR/final``: see ``save_model``; the run's marker then says it finished."""
         folder = self.save_model(self.output_dir / "final", eval_row=self.last_eval)
         if self.is_main:
-            disk.set_marker(self.output_dir, finished_step=self.state.step)
+            disk.set_marker(self.output_dir, finished_step=self.state.step, finished_early=self.finish_request)
         return folder
 
     def save_model(self, folder: Path, eval_row: dict[str, Any] | None = None, *, in_run: bool = True) -> Path:

@@ -3,7 +3,8 @@
 The recipe (``Trainer.train``) stays a plain loop; health warnings, eval generations, the best
 checkpoint, signal handling and the like are ``Watcher`` objects the trainer calls at fixed
 moments. A watcher may read the trainer (model, tokenizer, state, config), write through it
-(``trainer.log``, ``trainer.warn``) and ask it to stop (``trainer.request_stop``); it never
+(``trainer.log``, ``trainer.warn``) and ask it to stop (``trainer.request_stop``) or to end
+normally early (``trainer.request_finish``, early stopping); it never
 drives the loop itself. Every rank calls every watcher (a watcher that needs a collective, such as
 saving a sharded model, can do it); only writes to files are main-process only, through the
 trainer's own helpers.
@@ -65,6 +66,10 @@ def build_watchers(cfg: Config) -> list[Watcher]:
     from orpo.train import health
 
     watchers: list[Watcher] = health.build(cfg)  # general_eval (adds eval_general_ppl), health warnings, save_best
+    if cfg.train.early_stopping is not None:
+        from orpo.train import early_stop
+
+        watchers += early_stop.build(cfg)
     if cfg.train.eval_generate:
         from orpo.train.samples import EvalSamples
 
