@@ -22,19 +22,13 @@ import numpy as np
 from pydantic import ValidationError
 
 from orpo.config import ConfigError, DataConfig, format_validation_error
+from orpo.data.cache import quiet_progress
 from orpo.data.checks import DEFINITIONS, TEXT_FINDINGS, leak_markers
-from orpo.data.pipeline import (
-    CHECK_LABELS,
-    _drop,
-    _quiet_progress,
-    read_pairs,
-    render_checks,
-    run_checks,
-    source_specs,
-    tokenize_pairs,
-)
+from orpo.data.pipeline import read_pairs, run_checks, source_specs
+from orpo.data.summary import CHECK_LABELS, render_checks
 from orpo.data.templates import ChatTemplate, resolve_chat_template
 from orpo.data.tokenize import STAT_COLUMNS, Limits
+from orpo.data.tokenized import drop_rows, tokenize_pairs
 
 LABEL_NOISE_CANDIDATES = 20
 
@@ -158,10 +152,10 @@ def audit(data: Any, *, format: str = "auto", columns: dict[str, str] | None = N
     dropped = {f"bad row: {kind}": n for kind, n in read.norms[0].skipped.items()}
     stats = encoded = None
     if tokenizer is not None:
-        with _quiet_progress():
+        with quiet_progress():
             encoded = tokenize_pairs(read.train.pairs, template, tokenizer, Limits.from_config(cfg))
         stats = {c: np.asarray(encoded[c]) for c in STAT_COLUMNS}
-        for reason, n in _drop(encoded)[1].items():
+        for reason, n in drop_rows(encoded)[1].items():
             dropped[reason] = n
     report = AuditReport(
         source=train_specs[0].label, format=read.norms[0].format, template=template.name,
@@ -182,7 +176,7 @@ def _score(report: AuditReport, model, tokenizer, encoded, numbers: list[Any], b
 
     reasons = np.asarray(encoded["drop_reason"])
     kept = np.flatnonzero(reasons == "")
-    dataset, _ = _drop(encoded)
+    dataset, _ = drop_rows(encoded)
     if len(kept) == 0:
         return
     chosen, rejected = pair_logps(model, dataset, tokenizer.pad_token_id, batch_size)

@@ -1,29 +1,26 @@
 """``prepare_data``: read -> normalize -> mix -> split -> render + tokenize -> drop -> checks -> summary,
 cached on disk.
 
-The cache key (``fingerprint``) covers everything that can change the tokenized rows and the
+The cache key (``cache.fingerprint``) covers everything that can change the tokenized rows and the
 summary: the data bytes (the content, for rows given in memory), each source's settings and weight,
 the tokenizer's full serialization, the template text, the format settings, every length limit,
 ``max_samples``, the eval settings, the seed when anything is sampled, and ``PIPELINE_VERSION``. A
-changed input is
-a new key, never a stale hit. Entries are written to a temporary folder and renamed into place,
-so an interrupted run never leaves a half-written entry that a later run would trust.
+changed input is a new key, never a stale hit. Pairs and tokens go through a work folder beside the
+cache (``stored``, ``tokenized``); entries are written to a temporary folder and renamed into place,
+so an interrupted run never leaves a half-written entry that a later run would trust. The summary
+itself is ``summary.DataSummary``.
 """
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
 import logging
 import math
 import os
 import shutil
-import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, cast
 
@@ -33,130 +30,21 @@ import numpy as np
 from orpo import disk
 from orpo.config import ConfigError, DataConfig, DataSource
 from orpo.data import stored
+from orpo.data.cache import cache_root, data_identity, fingerprint, rows_digest
 from orpo.data.checks import Finding, LengthBias, find_faults, leak_markers, prompt_overlap
 from orpo.data.formats import NormalizedRows, Pair, normalize
 from orpo.data.sources import DataError, RowSource, load_rows, rows_from_memory
+from orpo.data.summary import DataSummary, LengthStats, length_stats
 from orpo.data.templates import ChatTemplate, resolve_chat_template
 from orpo.data.tokenize import (
     NO_ROOM_FOR_RESPONSE,
     OUTPUT_COLUMNS,
     STAT_COLUMNS,
     Limits,
-    SpecialTokens,
-    pair_columns,
-    tokenize_batch,
 )
+from orpo.data.tokenized import drop_rows, stat_columns, tokenize_pairs, write_split
 
 logger = logging.getLogger(__name__)
-
-PIPELINE_VERSION = 4  # bump when rendering, tokenization or truncation changes its output
-LENGTH_KEYS = ("prompt", "chosen", "rejected", "sequence")
-PERCENTILES = (50, 90, 99)
-
-
-# ------------------------------------------------------------------------------ results
-
-
-@dataclass
-class LengthStats:
-    """Untruncated token lengths: percentiles are observed values (``method="higher"``)."""
-
-    p50: int
-    p90: int
-    p99: int
-    max: int
-
-    @classmethod
-    def of(cls, values: np.ndarray) -> LengthStats:
-        if values.size == 0:
-            return cls(0, 0, 0, 0)
-        p50, p90, p99 = (int(np.percentile(values, q, method="higher")) for q in PERCENTILES)
-        return cls(p50=p50, p90=p90, p99=p99, max=int(values.max()))
-
-
-@dataclass
-class DataSummary:
-    """What happened to the data, for the user: counts, drops by reason, lengths, truncation."""
-
-    source: str
-    eval_source: str | None
-    format: str
-    template: str
-    max_length: int
-    prompt_budget: int | None  # None: adaptive (see tokenize.py)
-    rows_read: int
-    pairs: int  # valid pairs (after bad rows and max_samples), before tokenization
-    kept: int
-    train_size: int
-    eval_size: int
-    dropped: dict[str, int]  # reason -> count; bad rows too ("bad row: <kind>")
-    truncated: int  # kept pairs with a cut prompt or response
-    lengths: dict[str, LengthStats]  # prompt / chosen / rejected response / longest sequence
-    first_errors: list[str] = field(default_factory=list)
-    sources: list[dict[str, Any]] = field(default_factory=list)  # per source of a mixture (source_counts)
-    checks: dict[str, Any] = field(default_factory=dict)  # the cheap data checks (run_checks)
-
-    @property
-    def num_dropped(self) -> int:
-        return sum(self.dropped.values())
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> DataSummary:
-        d = dict(d)
-        d["lengths"] = {k: LengthStats(**v) for k, v in d["lengths"].items()}
-        return cls(**d)
-
-    def render(self) -> str:
-        """One screen of text (rich tables, no colour codes)."""
-        from rich.console import Console
-        from rich.table import Table
-
-        counts = Table(title="Preference data", show_header=False, title_justify="left")
-        counts.add_column(style="bold")
-        counts.add_column()
-        src = self.source + (f"  (eval: {self.eval_source})" if self.eval_source else "")
-        counts.add_row("source", src)
-        counts.add_row("format / template", f"{self.format} / {self.template}")
-        counts.add_row("rows read", str(self.rows_read))
-        counts.add_row("pairs", str(self.pairs))
-        counts.add_row("kept", f"{self.kept}  (train {self.train_size}, eval {self.eval_size})")
-        drops = ", ".join(f"{k}: {v}" for k, v in sorted(self.dropped.items(), key=lambda kv: -kv[1]))
-        counts.add_row("dropped", f"{self.num_dropped}" + (f"  ({drops})" if drops else ""))
-        counts.add_row(
-            "truncated", f"{self.truncated}  (max_length {self.max_length}, prompt budget "
-            f"{self.prompt_budget if self.prompt_budget is not None else 'auto: >= max_length/2'})"
-        )
-        for err in self.first_errors:
-            counts.add_row("bad row", err)
-
-        lengths = Table(title="Token lengths before truncation", title_justify="left")
-        lengths.add_column("")
-        for name in ("p50", "p90", "p99", "max"):
-            lengths.add_column(name, justify="right")
-        labels = {"prompt": "prompt", "chosen": "chosen response", "rejected": "rejected response",
-                  "sequence": "longest sequence"}
-        for key in LENGTH_KEYS:
-            s = self.lengths[key]
-            lengths.add_row(labels[key], str(s.p50), str(s.p90), str(s.p99), str(s.max))
-
-        out = io.StringIO()
-        console = Console(file=out, width=110, color_system=None, force_terminal=False)
-        console.print(counts)
-        if self.sources:
-            mix = Table(title="Mixture", title_justify="left")
-            for name in ("source", "format", "rows read", "pairs", "mixed in", "kept"):
-                mix.add_column(name, justify="left" if name in ("source", "format") else "right")
-            for c in self.sources:
-                mix.add_row(c["name"], c["format"], *(str(c[k]) for k in ("rows_read", "pairs", "mixed", "kept")))
-            console.print(mix)
-        console.print(lengths)
-        checks = render_checks(self.checks, self.pairs, eval_pairs=self.eval_size)
-        if checks is not None:
-            console.print(checks)
-        return out.getvalue().rstrip()
 
 
 @dataclass
@@ -257,10 +145,10 @@ def _build(cfg: DataConfig, tokenizer, template: ChatTemplate, seed: int, fp: st
         eval_tok = tokenize_pairs(read.eval.pairs, template, tokenizer, limits, cfg.num_proc, f"{fp}-eval", work_dir)
 
     tokenized = [train_tok] + ([eval_tok] if eval_tok is not None else [])
-    columns = [_stat_columns(d) for d in tokenized]
+    columns = [stat_columns(d) for d in tokenized]
     stats = {c: np.concatenate([cols[c] for cols in columns]) for c in STAT_COLUMNS}
-    train, train_drops = _drop(train_tok, work_dir and work_dir / f"{fp}-train-kept.arrow")
-    evalset, eval_drops = _drop(eval_tok, work_dir and work_dir / f"{fp}-eval-kept.arrow") \
+    train, train_drops = drop_rows(train_tok, work_dir and work_dir / f"{fp}-train-kept.arrow")
+    evalset, eval_drops = drop_rows(eval_tok, work_dir and work_dir / f"{fp}-eval-kept.arrow") \
         if eval_tok is not None else (None, {})
     # an empty set would hang the training loop or give NaN metrics: say why now, with the drops
     if len(train) == 0:
@@ -291,7 +179,7 @@ def _build(cfg: DataConfig, tokenizer, template: ChatTemplate, seed: int, fp: st
         eval_size=len(evalset) if evalset is not None else 0,
         dropped=dropped,
         truncated=int((stats["truncated"].astype(bool) & kept).sum()),
-        lengths=_length_stats(stats),
+        lengths=length_stats(stats),
         first_errors=[e for n in read.norms for e in n.first_errors][:5],
         sources=read.source_counts(subject.refs, kept) if len(read.mixed) > 1 else [],
         checks=run_checks(read, subject, leak_markers(template, tokenizer), read.example_name, stats),
@@ -324,7 +212,7 @@ class SourceSpec:
         """What the cache key knows of this source (a hub dataset's rows are read for it, and kept)."""
         if self.in_memory:
             assert self.rows is not None
-            return f"memory:{_rows_digest(self.rows.rows)}"
+            return f"memory:{rows_digest(self.rows.rows)}"
         ident, rows = data_identity(self.settings.path, self.settings.split or "train", self.settings.subset)
         self.rows = self.rows or rows
         return ident
@@ -523,279 +411,15 @@ def run_checks(read: ReadData, subject: SourcedPairs, markers: Sequence[str], na
     return out
 
 
-def tokenize_pairs(pairs: Sequence[Pair], template: ChatTemplate, tokenizer, limits: Limits,
-                   num_proc: int | None = None, fingerprint: str | None = None,
-                   work_dir: Path | None = None) -> datasets.Dataset:
-    """Render + tokenize with ``Dataset.map`` (batched; ``num_proc`` workers): token + stat columns.
-
-    With ``work_dir`` the pairs (unless already on disk) and their tokens are written there as Arrow
-    files a batch at a time and memory-mapped back, so neither ever sits in RAM whole.
-    """
-    name = fingerprint or uuid.uuid4().hex
-    if isinstance(pairs, stored.StoredPairs):
-        ds = pairs.dataset
-    elif work_dir is not None:
-        writer = stored.PairWriter(work_dir / f"{name}-pairs.arrow")
-        for pair in pairs:
-            writer.append(pair)
-        ds = writer.close().dataset
-    else:
-        ds = datasets.Dataset.from_dict(pair_columns(pairs), features=stored.PAIR_FEATURES)
-    fn_kwargs = {"template": template, "tokenizer": tokenizer, "limits": limits}
-    if work_dir is not None and not (num_proc and num_proc > 1):
-        return _tokenize_to_file(ds, work_dir / f"{name}-tokens.arrow", fn_kwargs)
-    # a batch's tokens exist as Python lists (~100 bytes a token) until written: the batch bounds that;
-    # new_fingerprint skips hashing the tokenizer (our own cache key covers it)
-    return ds.map(
-        tokenize_batch,
-        batched=True,
-        batch_size=TOKENIZE_BATCH,
-        with_indices=True,
-        num_proc=num_proc if num_proc and num_proc > 1 and len(ds) > num_proc else None,
-        remove_columns=ds.column_names,
-        features=TOKEN_FEATURES,
-        fn_kwargs=fn_kwargs,
-        new_fingerprint=fingerprint,
-        cache_file_name=str(work_dir / f"{name}-tokens.arrow") if work_dir is not None else None,
-        writer_batch_size=TOKENIZE_BATCH,
-        desc="tokenizing",
-    )
-
-
-def _tokenize_to_file(ds: datasets.Dataset, path: Path, fn_kwargs: dict[str, Any]) -> datasets.Dataset:
-    """``ds.map(tokenize_batch)`` in this process, reading the pairs as a stream (``stored.column_batches``)
-    and writing the tokens to ``path`` a batch at a time, memory-mapped back."""
-    from datasets.arrow_writer import ArrowWriter
-    from datasets.utils.tqdm import tqdm
-
-    start = 0
-    with ArrowWriter(features=TOKEN_FEATURES, path=str(path), writer_batch_size=TOKENIZE_BATCH) as writer, \
-            tqdm(total=len(ds), desc="tokenizing", unit=" examples") as progress:
-        for columns in stored.column_batches(ds, TOKENIZE_BATCH):
-            n = len(columns["chosen"])
-            writer.write_batch(tokenize_batch(columns, list(range(start, start + n)), **fn_kwargs))
-            start += n
-            progress.update(n)
-        writer.finalize()
-    return datasets.Dataset.from_file(str(path))
-
-
-TOKENIZE_BATCH = 256
-# token ids as int32 (every vocabulary fits): half the bytes on disk and in the page cache of int64
-TOKEN_FEATURES = datasets.Features({
-    "chosen_input_ids": datasets.Sequence(datasets.Value("int32")),
-    "chosen_prompt_len": datasets.Value("int32"),
-    "rejected_input_ids": datasets.Sequence(datasets.Value("int32")),
-    "rejected_prompt_len": datasets.Value("int32"),
-    "prompt_tokens": datasets.Value("int32"),
-    "chosen_tokens": datasets.Value("int32"),
-    "rejected_tokens": datasets.Value("int32"),
-    "truncated": datasets.Value("bool"),
-    "drop_reason": datasets.Value("string"),
-})
-
-
-def _stat_columns(ds: datasets.Dataset) -> dict[str, np.ndarray]:
-    """The statistics columns of a tokenized set; a whole work file is read as a stream (its mapped
-    pages, token ids around the small statistics buffers included, would count as resident)."""
-    whole = stored.whole_file(ds)
-    if whole is None:
-        return {c: np.asarray(ds[c]) for c in STAT_COLUMNS}
-    import pyarrow as pa
-
-    parts: dict[str, list[np.ndarray]] = {c: [] for c in STAT_COLUMNS}
-    with pa.OSFile(whole) as f:
-        for batch in pa.ipc.open_stream(f):
-            for c in STAT_COLUMNS:
-                parts[c].append(np.asarray(batch.column(c).to_pylist()))
-    return {c: np.concatenate(v) if v else np.asarray(ds[c]) for c, v in parts.items()}
-
-
-def _drop(ds: datasets.Dataset, path: Path | None = None) -> tuple[datasets.Dataset, dict[str, int]]:
-    """Remove dropped pairs and the statistics columns -> (dataset, reason -> count); with ``path``,
-    the kept rows are written there (``_drop_to_file``)."""
-    if path is not None:
-        return _drop_to_file(ds, path)
-    reasons = np.asarray(ds["drop_reason"])
-    keep = np.flatnonzero(reasons == "")
-    counts = {str(r): int(n) for r, n in zip(*np.unique(reasons[reasons != ""], return_counts=True), strict=True)}
-    if len(keep) < len(ds):
-        ds = ds.select(keep)
-    return ds.remove_columns(list(STAT_COLUMNS)), counts
-
-
-def _drop_to_file(ds: datasets.Dataset, path: Path) -> tuple[datasets.Dataset, dict[str, int]]:
-    """``_drop`` for a tokenized set in a work file: the kept rows' token columns, streamed into ``path``.
-
-    The work file is read as a stream, a batch at a time, not memory-mapped: a mapped copy would
-    put every page of it in this process's resident memory. Anything but one whole file (the
-    shards of a ``num_proc`` map) goes through ``_drop``.
-    """
-    import pyarrow as pa
-    import pyarrow.compute as pc
-    from datasets.arrow_writer import ArrowWriter
-
-    whole = stored.whole_file(ds)
-    if whole is None:
-        return _drop(ds)
-    reasons: Counter[str] = Counter()
-    features = datasets.Features({c: TOKEN_FEATURES[c] for c in OUTPUT_COLUMNS})
-    with ArrowWriter(features=features, path=str(path), writer_batch_size=TOKENIZE_BATCH) as writer, \
-            pa.OSFile(whole) as f:
-        for batch in pa.ipc.open_stream(f):
-            reason = batch.column("drop_reason")
-            reasons.update(r for r in reason.to_pylist() if r)
-            kept = batch.filter(pc.equal(reason, "")).select(list(OUTPUT_COLUMNS))
-            writer.write_table(pa.Table.from_batches([kept]))
-        writer.finalize()
-    return datasets.Dataset.from_file(str(path)), dict(reasons)
-
-
-def _length_stats(stats: dict[str, np.ndarray]) -> dict[str, LengthStats]:
-    prompt, chosen, rejected = stats["prompt_tokens"], stats["chosen_tokens"], stats["rejected_tokens"]
-    return {
-        "prompt": LengthStats.of(prompt),
-        "chosen": LengthStats.of(chosen),
-        "rejected": LengthStats.of(rejected),
-        "sequence": LengthStats.of(prompt + np.maximum(chosen, rejected)),
-    }
-
-
-CHECK_LABELS = {
-    "duplicates": "duplicate pairs",
-    "identical_pairs": "chosen == rejected",
-    "conflicting_pairs": "conflicting (swapped)",
-    "near_identical_pairs": "near-identical (<5% chars)",
-    "empty_responses": "empty responses",
-    "template_leaks": "template markup in responses",
-    "control_chars": "control characters",
-    "dropped_by_truncation": "dropped by truncation",
-    "eval_prompt_overlap": "eval prompts also in train",
-}
-
-
-def render_checks(checks: dict[str, Any], pairs: int, only_found: bool = True, title: str = "Data checks",
-                  eval_pairs: int | None = None):
-    """The checks as a rich table: each finding with its count, share and example rows; None if empty.
-
-    Shares are of ``pairs``; the eval overlap's is of ``eval_pairs`` (the rows it counts are eval rows).
-    """
-    from rich.table import Table
-
-    table = Table(title=title, title_justify="left")
-    table.add_column("check")
-    table.add_column("rows", justify="right")
-    table.add_column("share", justify="right")
-    table.add_column("examples")
-    for key, label in CHECK_LABELS.items():
-        found = checks.get(key)
-        if found is None or (only_found and not found["count"]):
-            continue
-        of = eval_pairs if key == "eval_prompt_overlap" and eval_pairs else pairs
-        table.add_row(label, str(found["count"]), f"{found['count'] / max(of, 1):.1%}",
-                      ", ".join(str(x) for x in found["examples"]))
-    if "chosen_longer_share" in checks:
-        unit = checks["length_unit"]
-        table.add_row("chosen longer", "", f"{checks['chosen_longer_share']:.1%}",
-                      f"mean {unit}: chosen {checks['mean_chosen_length']:.1f}, rejected "
-                      f"{checks['mean_rejected_length']:.1f}")
-    if checks.get("truncated_share") is not None:
-        table.add_row("truncated", "", f"{checks['truncated_share']:.1%}", "a prompt or response cut to max_length")
-    return table if table.row_count else None
-
-
-# ------------------------------------------------------------------------------ cache
-
-
-def cache_root(cfg: DataConfig) -> Path:
-    root = cfg.cache_dir or os.environ.get("ORPO_CACHE") or "~/.cache/orpo"
-    return Path(root).expanduser()
-
-
-def data_identity(spec: str, split: str, subset: str | None) -> tuple[str, RowSource | None]:
-    """What the cache key knows of a data source, and its rows when they had to be read for it.
-
-    A local file is its sha256 (no parsing needed, so a cache hit skips reading it). Hub data is
-    its name, split, subset and a hash of its rows as loaded.
-    """
-    path = Path(spec).expanduser()
-    if path.is_file():
-        return f"file:sha256:{_sha256_file(path)}", None
-    rows = load_rows(spec, split, subset)
-    return f"hub:{spec}:{split}:{subset}:{_rows_digest(rows.rows)}", rows
-
-
-def _rows_digest(rows: Sequence[Any]) -> str:
-    """sha256 of rows' content (hub data, rows given in Python; an unreadable row by its repr)."""
-    h = hashlib.sha256()
-    for row in rows:
-        h.update(json.dumps(row, sort_keys=True, default=str, ensure_ascii=False).encode())
-        h.update(b"\n")
-    return h.hexdigest()
-
-
-def tokenizer_identity(tokenizer) -> str:
-    """Hash of the full tokenizer: vocabulary, merges, normalizer, added and special tokens."""
-    h = hashlib.sha256()
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        h.update(backend.to_str().encode())
-    else:
-        h.update(type(tokenizer).__name__.encode())
-        h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
-    special = SpecialTokens.of(tokenizer)
-    h.update(json.dumps([dict(tokenizer.special_tokens_map), asdict(special)], sort_keys=True, default=str).encode())
-    return h.hexdigest()
-
-
-def fingerprint(cfg: DataConfig, tokenizer, template: ChatTemplate, seed: int,
-                train: Sequence[tuple[str, DataSource]], eval_id: str | None) -> str:
-    """The cache key: every input that can change the tokenized rows (and the summary's checks).
-
-    ``train``: each training source's identity (``data_identity``) and settings, in mixture order.
-    """
-    mixture = [{"data": ident, **s.model_dump(mode="json", exclude={"path"})} for ident, s in train]
-    sampled = cfg.eval_fraction > 0 or any(m["weight"] or m["max_samples"] for m in mixture)
-    key = {
-        "version": PIPELINE_VERSION,
-        "train": mixture,
-        "eval": eval_id,
-        "tokenizer": tokenizer_identity(tokenizer),
-        "template": [template.name if template.is_plain else None, template.jinja],
-        "format": cfg.format,
-        "columns": cfg.columns.model_dump() if cfg.columns is not None else None,
-        "on_bad_row": cfg.on_bad_row,
-        "max_length": cfg.max_length,
-        "max_prompt_length": cfg.max_prompt_length,
-        "min_response_tokens": cfg.min_response_tokens,
-        "max_samples": cfg.max_samples,
-        "eval_fraction": cfg.eval_fraction,
-        "seed": seed if sampled else None,
-    }
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
-
-
-@contextmanager
-def _quiet_progress() -> Iterator[None]:
-    """No progress bars for the cache's quick saves and loads (they are noise, not progress)."""
-    was_enabled = datasets.is_progress_bar_enabled()
-    datasets.disable_progress_bars()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            datasets.enable_progress_bars()
-
-
 def _save(prepared: PreparedData, final: Path) -> None:
     """Write train.arrow, eval.arrow and summary.json to a temporary folder, then rename it into place."""
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.parent / disk.scratch_name("tmp", final.name)
     try:
         tmp.mkdir()
-        _write_split(prepared.train, tmp / "train.arrow")
+        write_split(prepared.train, tmp / "train.arrow")
         if prepared.eval is not None:
-            _write_split(prepared.eval, tmp / "eval.arrow")
+            write_split(prepared.eval, tmp / "eval.arrow")
         meta = {"fingerprint": prepared.fingerprint, "template": asdict(prepared.template),
                 "summary": prepared.summary.to_dict()}
         (tmp / "summary.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False))
@@ -807,24 +431,6 @@ def _save(prepared: PreparedData, final: Path) -> None:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     prepared.cache_path = final
-
-
-def _write_split(ds: datasets.Dataset, path: Path) -> None:
-    """``ds`` as one Arrow file at ``path``: a hard link when it is one whole file already (the work
-    folder's, on the same disk), else written a batch at a time."""
-    from datasets.arrow_writer import ArrowWriter
-
-    whole = stored.whole_file(ds)
-    if whole is not None:
-        try:
-            os.link(whole, path)
-            return
-        except OSError:
-            pass
-    with ArrowWriter(features=ds.features, path=str(path), writer_batch_size=TOKENIZE_BATCH) as writer:
-        for table in ds.with_format("arrow").iter(batch_size=TOKENIZE_BATCH):
-            writer.write_table(table)
-        writer.finalize()
 
 
 def _load_cached(path: Path, names: tuple[str, str | None], template: ChatTemplate,
@@ -843,14 +449,6 @@ def _load_cached(path: Path, names: tuple[str, str | None], template: ChatTempla
     (summary.source, summary.eval_source), summary.template = names, template.name
     return PreparedData(train=train, eval=evalset, summary=summary, template=template, fingerprint=fp,
                         cache_path=path, from_cache=True)
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _display_name(specs: Sequence[SourceSpec | None]) -> str:
@@ -889,3 +487,4 @@ __all__ = [
     "source_specs",
     "tokenize_pairs",
 ]
+
