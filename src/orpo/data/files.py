@@ -18,14 +18,15 @@ import re
 import zlib
 from array import array
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, BinaryIO, cast, overload
+from typing import Any, BinaryIO, cast
 
 from orpo.data.sources import (
     READERS_BY_SUFFIX,
     DataError,
+    LazyRows,
     RowSource,
     UnreadableRow,
     clip,
@@ -146,7 +147,7 @@ def _jsonl_row(line: str, data: bytes) -> dict[str, Any] | UnreadableRow:
         return UnreadableRow("malformed JSON: nested too deeply to parse", "malformed JSON")
 
 
-class JsonlRows(Sequence[dict[str, Any] | UnreadableRow]):
+class JsonlRows(LazyRows[dict[str, Any] | UnreadableRow]):
     """A JSON Lines file's rows, parsed as they are read: every pass streams the (gzip) file again,
     so no list of every row is ever held. Opening scans it once (UTF-8 checked, blank lines
     skipped) for each row's line number and byte position: 16 bytes a row."""
@@ -162,14 +163,8 @@ class JsonlRows(Sequence[dict[str, Any] | UnreadableRow]):
     def __len__(self) -> int:
         return len(self.line_numbers)
 
-    @overload
-    def __getitem__(self, i: int) -> dict[str, Any] | UnreadableRow: ...
-    @overload
-    def __getitem__(self, i: slice) -> list[dict[str, Any] | UnreadableRow]: ...
-    def __getitem__(self, i: int | slice) -> dict[str, Any] | UnreadableRow | list[dict[str, Any] | UnreadableRow]:
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
-        position = self._positions[i]  # IndexError past the end, as a list
+    def row(self, i: int) -> dict[str, Any] | UnreadableRow:
+        position = self._positions[i]
         with _open_bytes(self.path) as stream:
             stream.seek(position)
             data = stream.readline()
@@ -178,13 +173,9 @@ class JsonlRows(Sequence[dict[str, Any] | UnreadableRow]):
         return _jsonl_row(data.decode("utf-8"), data)
 
     def __iter__(self) -> Iterator[dict[str, Any] | UnreadableRow]:
-        count = 0
         with _open_bytes(self.path) as stream:
-            for _, line, data, _ in _jsonl_lines(stream, self.name):
-                count += 1
-                yield _jsonl_row(line, data)
-        if count != len(self):
-            raise DataError(f"{self.name}: changed while it was read ({len(self)} rows, then {count})")
+            lines = _jsonl_lines(stream, self.name)
+            yield from self.counted((_jsonl_row(line, data) for _, line, data, _ in lines), self.name)
 
 
 def _decode_line(data: bytes, name: str, line_no: int, offset: int) -> str:
@@ -214,7 +205,7 @@ def _read_json(raw: bytes, name: str) -> RowSource:
     return RowSource(name=name, rows=[_row(row) for row in data])
 
 
-class CsvRows(Sequence[dict[str, Any] | UnreadableRow]):
+class CsvRows(LazyRows[dict[str, Any] | UnreadableRow]):
     """A CSV file's rows, parsed as they are used: every pass streams the (gzip) file again, so no
     list of every row is held. Opening parses it once, to check it (UTF-8, the header, quoting)
     and count its rows; a row is named by its 1-based number among the rows (blank lines skipped).
@@ -231,26 +222,11 @@ class CsvRows(Sequence[dict[str, Any] | UnreadableRow]):
     def __len__(self) -> int:
         return self._count
 
-    @overload
-    def __getitem__(self, i: int) -> dict[str, Any] | UnreadableRow: ...
-    @overload
-    def __getitem__(self, i: slice) -> list[dict[str, Any] | UnreadableRow]: ...
-    def __getitem__(self, i: int | slice) -> dict[str, Any] | UnreadableRow | list[dict[str, Any] | UnreadableRow]:
-        if isinstance(i, slice):
-            return list(itertools.islice(self._records(), *i.indices(len(self))))
-        if i < 0:
-            i += len(self)
-        if not 0 <= i < len(self):
-            raise IndexError(i)
+    def row(self, i: int) -> dict[str, Any] | UnreadableRow:
         return next(itertools.islice(self._records(), i, None))
 
     def __iter__(self) -> Iterator[dict[str, Any] | UnreadableRow]:
-        count = 0
-        for row in self._records():
-            count += 1
-            yield row
-        if count != len(self):
-            raise DataError(f"{self.name}: changed while it was read ({len(self)} rows, then {count})")
+        return self.counted(self._records(), self.name)
 
 
 _LONE_CR = re.compile(r"(?<=\r)(?!\n)")
@@ -296,7 +272,7 @@ def _csv_record(reader, name: str) -> list[str] | None:
         csv.field_size_limit(old_limit)
 
 
-class ParquetRows(Sequence[dict[str, Any]]):
+class ParquetRows(LazyRows[dict[str, Any]]):
     """A Parquet file's rows, read as they are used, ``BATCH`` rows of a row group at a time.
 
     Opening reads the footer only (the schema, checked for duplicate columns, and the row
@@ -323,17 +299,7 @@ class ParquetRows(Sequence[dict[str, Any]]):
     def __len__(self) -> int:
         return self._starts[-1]
 
-    @overload
-    def __getitem__(self, i: int) -> dict[str, Any]: ...
-    @overload
-    def __getitem__(self, i: slice) -> list[dict[str, Any]]: ...
-    def __getitem__(self, i: int | slice) -> dict[str, Any] | list[dict[str, Any]]:
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
-        if i < 0:
-            i += len(self)
-        if not 0 <= i < len(self):
-            raise IndexError(i)
+    def row(self, i: int) -> dict[str, Any]:
         group = bisect.bisect_right(self._starts, i) - 1
         with _parquet_errors(self.name):
             table = self._open().read_row_group(group)

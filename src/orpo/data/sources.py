@@ -12,12 +12,13 @@ a whole (not UTF-8, a damaged gzip stream or Parquet file, a duplicate column) i
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, overload
+from typing import Any, TypeVar, overload
 
 READERS_BY_SUFFIX = (".jsonl", ".json", ".parquet", ".csv")
+T = TypeVar("T")
 _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -109,7 +110,38 @@ def rows_from_memory(data: Any, name: str) -> RowSource:
     return RowSource(name=name, rows=rows, index=index if index is not None else list(range(len(rows))))
 
 
-class ArrowRows(Sequence[dict[str, Any]]):
+class LazyRows(Sequence[T]):
+    """A sequence read from storage as it is used (a file, an Arrow table): subclasses give
+    ``__len__``, ``__iter__`` (one pass) and ``row(i)`` for ``0 <= i < len``; indexing (negative
+    indices, slices, ``IndexError``) is as a list's."""
+
+    def row(self, i: int) -> T:
+        raise NotImplementedError
+
+    @overload
+    def __getitem__(self, i: int) -> T: ...
+    @overload
+    def __getitem__(self, i: slice) -> list[T]: ...
+    def __getitem__(self, i: int | slice) -> T | list[T]:
+        if isinstance(i, slice):
+            return [self.row(j) for j in range(*i.indices(len(self)))]
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        return self.row(i)
+
+    def counted(self, rows: Iterable[T], name: str) -> Iterator[T]:
+        """``rows`` (a pass over the file), refusing a file whose row count changed since it was opened."""
+        count = 0
+        for item in rows:
+            count += 1
+            yield item
+        if count != len(self):
+            raise DataError(f"{name}: changed while it was read ({len(self)} rows, then {count})")
+
+
+class ArrowRows(LazyRows[dict[str, Any]]):
     """A ``datasets.Dataset``'s rows as a sequence of dicts, read from its (memory-mapped) Arrow table a
     batch at a time: never a Python list of every row."""
 
@@ -119,13 +151,7 @@ class ArrowRows(Sequence[dict[str, Any]]):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    @overload
-    def __getitem__(self, i: int) -> dict[str, Any]: ...
-    @overload
-    def __getitem__(self, i: slice) -> list[dict[str, Any]]: ...
-    def __getitem__(self, i: int | slice) -> dict[str, Any] | list[dict[str, Any]]:
-        if isinstance(i, slice):
-            return [self.dataset[j] for j in range(*i.indices(len(self)))]
+    def row(self, i: int) -> dict[str, Any]:
         return self.dataset[i]
 
     def __iter__(self) -> Iterator[dict[str, Any]]:

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import overload
 
 import datasets
 
 from orpo.data.formats import Pair
+from orpo.data.sources import LazyRows
 from orpo.data.tokenize import pair_columns, pairs_from_columns
 
 BATCH = 1000
@@ -57,7 +57,7 @@ class PairWriter:
         self.path.unlink(missing_ok=True)
 
 
-class StoredPairs(Sequence[Pair]):
+class StoredPairs(LazyRows[Pair]):
     """Pairs in an Arrow file (memory-mapped) as a sequence, read a batch at a time."""
 
     def __init__(self, dataset: datasets.Dataset) -> None:
@@ -66,15 +66,7 @@ class StoredPairs(Sequence[Pair]):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    @overload
-    def __getitem__(self, i: int) -> Pair: ...
-    @overload
-    def __getitem__(self, i: slice) -> list[Pair]: ...
-    def __getitem__(self, i: int | slice) -> Pair | list[Pair]:
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
-        if i < 0:
-            i += len(self)
+    def row(self, i: int) -> Pair:
         return pairs_from_columns(self.dataset[i:i + 1])[0]
 
     def __iter__(self) -> Iterator[Pair]:
