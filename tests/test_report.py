@@ -16,8 +16,9 @@ from tiny import TINY
 from orpo.cli import main
 from orpo.config import load_config
 from orpo.data import prepare_data
+from orpo.figures import _colors, _label
 from orpo.generation import generate
-from orpo.report import FIGURES, NotARunError, _colors, _label, default_names, load_run, write_report
+from orpo.report import FIGURES, NotARunError, default_names, load_run, write_report
 from orpo.train import Trainer, read_metrics
 from orpo.train.samples import read_samples
 

@@ -89,6 +89,27 @@ def test_trackio_gets_metrics_and_samples(tmp_path, stories_dir, hh_path):
         s["completion"] for s in read_samples(out) if s["step"] == 4]
 
 
+def test_wandb_gets_the_eval_samples_as_a_table(tmp_path, stories_dir, hh_path):
+    """Offline W&B (no account, no network): the tables W&B itself serialized into the run's files."""
+    pytest.importorskip("wandb")
+    out = tmp_path / "run"
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(json.dumps(_raw(out, stories_dir, hh_path, report_to=["wandb"])))
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "HF_HUB_OFFLINE": "1",
+           "WANDB_CONFIG_DIR": str(tmp_path / "wandb-config"), "WANDB_CACHE_DIR": str(tmp_path / "wandb-cache")}
+    subprocess.run([sys.executable, "-m", "orpo.cli", "train", str(cfg)], env=env, check=True, capture_output=True)
+    [run_dir] = (out / "wandb").glob("offline-run-*")
+    tables = {int(p.name.split("_")[1]): json.loads(p.read_text()) for p in (run_dir / "files" / "media" / "table")
+              .glob("samples_*.table.json")}
+    assert sorted(tables) == [0, 2, 4]
+    samples = read_samples(out)
+    for step, table in tables.items():
+        assert table["columns"] == ["step", "prompt", "completion", "chosen", "rejected"]
+        assert table["data"] == [[step, s["prompt"], s["completion"], s["chosen"], s["rejected"]]
+                                 for s in samples if s["step"] == step]
+    assert "wandb" in json.loads((out / ".orpo.json").read_text())["made"]
+
+
 def test_a_missing_tracker_names_the_extra_before_any_work(tmp_path, stories_dir, hh_path, monkeypatch):
     import importlib.util
 

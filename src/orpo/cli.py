@@ -1,5 +1,5 @@
 """The `orpo` command line: train, sweep, preprocess, audit, eval, generate, merge, checkpoints, report,
-push, config-doc.
+push, benchmark, config-doc.
 
 Every command reports an expected failure (bad configuration or data, a diverged run) as one clear
 message on stderr and its own exit status (``EXIT_*`` below), without a traceback; anything else
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import importlib
 import json
 import os
 import sys
@@ -231,9 +232,15 @@ def _parser() -> argparse.ArgumentParser:
     hp.add_argument("--message", default=None, help="commit message (default: orpo push FOLDER)")
     hp.set_defaults(func=_cmd_push)
 
+    _register("orpo.harness.command", sub)
     c = sub.add_parser("config-doc", help="print the configuration reference (Markdown)")
     c.set_defaults(func=_cmd_config_doc)
     return p
+
+
+def _register(name: str, sub) -> None:
+    """A command whose parser and function live in their own module (``add_parser(sub)``)."""
+    importlib.import_module(name).add_parser(sub)
 
 
 LOAD_REVISION_HELP = ("hub branch, tag or commit of a hub --model, or of a LoRA adapter's hub base model (default: "

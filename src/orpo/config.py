@@ -515,6 +515,11 @@ class HealthConfig(_Section):
         1.2, gt=1,
         description="forgetting: eval_general_ppl above this multiple of its step-0 value warns.",
     )
+    benchmark_drop: float = Field(
+        0.1, gt=0, lt=1,
+        description="forgetting: a train.benchmark_tasks metric worse than its step-0 value by more than this share "
+        "of it warns (lower, for a metric where higher is better, as lm-eval says of each).",
+    )
 
 
 class EarlyStoppingConfig(_Section):
@@ -710,6 +715,28 @@ class TrainConfig(_Section):
         False, description="Swap in Liger's Triton kernels for RMSNorm, RoPE and SwiGLU (CUDA only, `pip install "
         "liger-kernel`); not its fused loss, since orpo computes log-probs with its own chunked head."
     )
+    benchmark_tasks: list[str] = Field(
+        default_factory=list, max_length=64,
+        description="lm-evaluation-harness tasks run on the live model at step 0, every benchmark_every steps and "
+        "at the end, as `orpo benchmark --tasks` runs them (any lm-eval task name, orpo's offline ifeval, "
+        "or a task YAML of train.benchmark_include_path); logged as bench_<task>_<metric> in metrics.jsonl and "
+        "the trackers, plotted by `orpo report`, listed in the model card and watched by the forgetting warning "
+        "(train.health.benchmark_drop). Needs `pip install orpo[eval]`.",
+    )
+    benchmark_every: int | Literal["epoch"] | None = Field(
+        None, description="Run train.benchmark_tasks every N optimizer steps, or `epoch` (as eval_every); unset: at "
+        "step 0 and at the end only."
+    )
+    benchmark_limit: int | float | None = Field(
+        None, gt=0, description="Documents per benchmark task, as lm-eval's --limit: a count, or a share when below "
+        "1 (the first documents of each task, the same at every run). null = all of them."
+    )
+    benchmark_max_new_tokens: int = Field(
+        256, gt=0, description="New tokens per answer of a generative benchmark task (ifeval), at most."
+    )
+    benchmark_include_path: str | None = Field(
+        None, description="A folder of local lm-eval task YAMLs for train.benchmark_tasks (as --include-path)."
+    )
     neftune_noise_alpha: float | None = Field(
         None, gt=0, description="NEFTune: add uniform noise of scale alpha / sqrt(seq_len * hidden_size) to the "
         "input embeddings in training forwards (never in eval, generation or the DPO reference pass); "
@@ -727,7 +754,7 @@ class TrainConfig(_Section):
     def _expand_resume(cls, value: str) -> str:
         return value if value in ("never", "auto") else os.path.expandvars(os.path.expanduser(value))
 
-    @field_validator("eval_every", "save_every", mode="before")
+    @field_validator("eval_every", "save_every", "benchmark_every", mode="before")
     @classmethod
     def _every(cls, value: Any) -> Any:
         """One plain message for a bad cadence, not one per branch of the union."""
@@ -751,6 +778,12 @@ class TrainConfig(_Section):
             raise ValueError(f"train.save_best: '{self.save_best}' is not an eval metric with a known direction; use "
                              "eval_loss, eval_accuracy, eval_margin, eval_log_odds_ratio, eval_nll_loss, "
                              "eval_general_ppl, ... (an eval_* loss or ppl is minimized, accuracy/margin maximized)")
+        if self.benchmark_every is not None and not self.benchmark_tasks:
+            raise ValueError("train.benchmark_every is when train.benchmark_tasks run: name the tasks too")
+        if self.benchmark_limit is not None and self.benchmark_limit > 1 and self.benchmark_limit != int(
+                self.benchmark_limit):
+            raise ValueError(f"train.benchmark_limit {self.benchmark_limit}: a count of documents (a whole number) "
+                             "or a share below 1")
         if self.push_to_hub and not self.hub_model_id:
             raise ValueError("train.push_to_hub needs train.hub_model_id: the hub repo to push to, as ORG/NAME")
         if self.push_to_hub and not self.save_final:

@@ -5,11 +5,8 @@ Reads only a run folder's files (``metrics.jsonl``, ``config.yaml``, ``data_summ
 Writes PNG figures (matplotlib's Agg canvas: no display, no pyplot state) and one HTML page with
 the images inlined, which can be mailed or attached as it is:
 
-    loss.png        loss, NLL and each objective's own terms (or_loss, simpo_loss, ...)
-    logps.png       chosen and rejected log-probs on one axis, and their change since step 0
-                    (the ORPO paper's figure: SFT raises the rejected responses too)
-    preference.png  log odds ratio, accuracy and margin, train and eval
-    optim.png       learning rate and gradient norm
+    *.png           the figures (``orpo.figures``: loss, logps, preference, optim; benchmarks when
+                    the run logged train.benchmark_tasks metrics)
     report.html     the figures, a table of final and best eval numbers, and per run its config,
                     data summary, warnings and latest samples
     summary.json    the table's numbers, for scripts
@@ -23,9 +20,7 @@ from __future__ import annotations
 import base64
 import html
 import json
-import math
 import os
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -34,12 +29,23 @@ from typing import Any
 import yaml
 
 from orpo import disk
+from orpo.figures import (
+    _colors,
+    _finite,
+    _utf8,
+    bench_metrics,
+    plot_benchmarks,
+    plot_logps,
+    plot_loss,
+    plot_optim,
+    plot_preference,
+)
 from orpo.train.logger import METRICS_FILE
 from orpo.train.samples import SAMPLES_FILE
 
-# each objective's own loss terms, drawn next to loss and NLL
-OWN_TERMS = ("or_loss", "simpo_loss", "cpo_loss", "dpo_loss")
 FIGURES = ("logps", "loss", "preference", "optim")
+# drawn only when a run logged train.benchmark_tasks metrics
+OPTIONAL_FIGURES = ("benchmarks",)
 TABLE_KEYS = ("accuracy", "margin", "log_odds_ratio", "logps_chosen", "logps_rejected", "nll_loss")
 # The page runs no script and fetches nothing: its figures are data: URIs, its style inline. A run
 # folder may come from anyone (a copy from another machine), so this backs up the escaping.
@@ -63,6 +69,7 @@ class Run:
     config: dict[str, Any] = field(default_factory=dict)
     data_summary: dict[str, Any] | None = None
     samples: list[dict[str, Any]] = field(default_factory=list)
+    benchmarks: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def objective(self) -> str:
@@ -100,7 +107,8 @@ def load_run(path: str | os.PathLike, name: str | None = None) -> Run:
     return Run(name=name or p.name, path=p, train=train, evals=evals,
                warnings=[r for r in rows if "warning" in r], config=_read_config(p / "config.yaml"),
                data_summary=_read_json(summary) if summary.is_file() else None,
-               samples=_read_rows(p / SAMPLES_FILE) if (p / SAMPLES_FILE).is_file() else [])
+               samples=_read_rows(p / SAMPLES_FILE) if (p / SAMPLES_FILE).is_file() else [],
+               benchmarks=[r for r in rows if any(k.startswith("bench_") and k != "bench_seconds" for k in r)])
 
 
 # ------------------------------------------------------------------------------ reading
@@ -218,199 +226,17 @@ def run_summary(run: Run) -> dict[str, Any]:
         out["change"] = {"from_step": first["step"],
                          **{k: _sub(last.get(f"eval_{k}"), first.get(f"eval_{k}"))
                             for k in ("logps_chosen", "logps_rejected")}}
+    if run.benchmarks:
+        first, last = run.benchmarks[0], run.benchmarks[-1]
+        names = bench_metrics([run])
+        out["benchmarks"] = {"first_step": first["step"], "step": last["step"],
+                             **{k: {"first": first.get(k), "final": last.get(k),
+                                    "stderr": last.get(f"{k}_stderr")} for k in names}}
     return out
-
-
-def _finite(v: Any) -> bool:
-    """A number a figure can draw (an integer too large for a float is not one)."""
-    try:
-        return isinstance(v, int | float) and math.isfinite(v)
-    except OverflowError:
-        return False
 
 
 def _sub(a: Any, b: Any) -> float | None:
     return a - b if _finite(a) and _finite(b) else None
-
-
-def _series(rows: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
-    """(steps, values) of ``key``; a missing or non-finite value is NaN (a gap in the line)."""
-    pts = [(r["step"], r[key] if _finite(r.get(key)) else math.nan) for r in rows if key in r]
-    return [s for s, _ in pts], [v for _, v in pts]
-
-
-def _smooth(values: list[float]) -> list[float]:
-    """Exponential moving average over about a 30th of the points (NaN-tolerant)."""
-    alpha = min(1.0, 2.0 / (len(values) / 30 + 1))
-    out, acc = [], math.nan
-    for v in values:
-        acc = v if math.isnan(acc) else (acc if math.isnan(v) else acc + alpha * (v - acc))
-        out.append(acc)
-    return out
-
-
-# ------------------------------------------------------------------------------ figures
-
-
-def _figure(panels: int, max_cols: int = 3, width: float = 5.2, height: float = 3.6):
-    """A figure of ``panels`` axes, at most ``max_cols`` a row (the spare ones hidden), room for a legend below."""
-    from matplotlib.figure import Figure
-
-    ncols = min(panels, max_cols)
-    nrows = -(-panels // ncols)
-    fig = Figure(figsize=(width * ncols, height * nrows + 0.6), dpi=100, layout="constrained")
-    axes = [ax for row in fig.subplots(nrows, ncols, squeeze=False) for ax in row]
-    for ax in axes[panels:]:
-        ax.set_visible(False)
-    return fig, axes[:panels]
-
-
-def _colors(n: int) -> list[Any]:
-    from matplotlib import colormaps
-
-    cmap = colormaps["tab10"]
-    return [cmap(i % 10) for i in range(n)]
-
-
-def _curve(ax, run: Run, key: str, color, label: str | None, style: str = "-", train: bool = True,
-           evals: bool = True, smooth: bool = True) -> bool:
-    """Draw ``key`` of a run: train faint + smoothed, eval as markers. Returns whether anything was drawn."""
-    drawn = False
-    if train:
-        steps, values = _series(run.train, key)
-        if steps:
-            if smooth and len(steps) > 20:
-                ax.plot(steps, values, style, color=color, alpha=0.15, linewidth=0.8)
-                values = _smooth(values)
-            ax.plot(steps, values, style, color=color, linewidth=1.1, alpha=0.6 if evals else 1.0, label=label)
-            drawn, label = True, None
-    if evals:
-        steps, values = _series(run.evals, f"eval_{key}")
-        if steps:
-            ax.plot(steps, values, style, color=color, marker="o", markersize=4.5, linewidth=1.9, label=label)
-            drawn = True
-    return drawn
-
-
-def _run_legend(fig, runs: list[Run], colors: list[Any], extra: Sequence[tuple[str, dict[str, Any]]] = ()) -> None:
-    from matplotlib.lines import Line2D
-
-    handles = [Line2D([], [], color=c, linewidth=2.5, label=_label(r)) for r, c in zip(runs, colors, strict=True)]
-    handles += [Line2D([], [], color="0.3", label=text, **kw) for text, kw in extra]
-    fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 4), frameon=False,
-               fontsize="small")
-
-
-def _label(run: Run) -> str:
-    """The run's name and objective, once when the name already says it (``orpo λ=0.1``, not ``orpo (orpo λ=0.1)``).
-
-    Dollar signs are escaped: matplotlib reads text between two of them as math, and fails on a bad formula;
-    so is a lone surrogate (a folder name's undecodable byte), which its fonts refuse.
-    """
-    label = run.objective_label if run.name in run.objective_label else f"{run.name} ({run.objective_label})"
-    return _utf8(label).replace("$", r"\$")
-
-
-_TRAIN_EVAL: list[tuple[str, dict[str, Any]]] = [("train", {"linewidth": 1.1, "alpha": 0.6}),
-                                                 ("eval", {"marker": "o", "markersize": 4.5, "linewidth": 1.9})]
-
-
-def plot_logps(runs: list[Run], colors: list[Any]):
-    """The paper's figure: chosen (solid) and rejected (dashed) log-probs of every run, then one panel per
-    run with their change since step 0 on that run's own scale (one run falling fast would flatten the rest)."""
-    use_eval = all(r.evals for r in runs)
-    panels = 1 + len(runs)
-    fig, axes = _figure(panels, max_cols={4: 2, 7: 4, 8: 4}.get(panels, 3))
-    ax = axes[0]
-    for i, (run, color) in enumerate(zip(runs, colors, strict=True)):
-        rows, prefix = (run.evals, "eval_") if use_eval else (run.train, "")
-        marker = {"marker": "o", "markersize": 3.5} if use_eval else {}
-        dax = axes[1 + i]
-        lines = {}
-        for key, style in (("logps_chosen", "-"), ("logps_rejected", "--")):
-            steps, values = _series(rows, prefix + key)
-            if not steps:
-                continue
-            if not use_eval and len(values) > 20:
-                values = _smooth(values)
-            ax.plot(steps, values, style, color=color, linewidth=1.6, **marker)
-            start = next((v for v in values if not math.isnan(v)), math.nan)
-            lines[key] = (steps, [v - start for v in values])
-            dax.plot(*lines[key], style, color=color, linewidth=1.8, **marker)
-        if len(lines) == 2 and lines["logps_chosen"][0] == lines["logps_rejected"][0]:
-            steps, dc = lines["logps_chosen"]
-            dax.fill_between(steps, dc, lines["logps_rejected"][1], color=color, alpha=0.15, linewidth=0)
-            dax.set_title(f"{_label(run)}\nΔ chosen {_fmt(dc[-1], True)}, Δ rejected "
-                          f"{_fmt(lines['logps_rejected'][1][-1], True)}", fontsize="medium")
-        else:
-            dax.set_title(_label(run), fontsize="medium")
-        dax.axhline(0.0, color="0.5", linewidth=0.8)
-        dax.set_ylabel("Δ log P since step 0" if use_eval else "Δ log P since the first step")
-    where = "eval set" if use_eval else "train batches, smoothed"
-    ax.set_title(f"log-probs of chosen and rejected ({where})", fontsize="medium")
-    ax.set_ylabel("mean log P(response token)")
-    for a in axes:
-        a.set_xlabel("step")
-        a.grid(alpha=0.3)
-    _run_legend(fig, runs, colors, [("chosen", {"linestyle": "-"}), ("rejected", {"linestyle": "--"})])
-    return fig
-
-
-def plot_loss(runs: list[Run], colors: list[Any]):
-    """Loss (each objective's own total), the NLL of chosen (shared) and the objectives' own terms."""
-    terms = [k for k in OWN_TERMS if any(k in r for run in runs for r in run.train)
-             or any(f"eval_{k}" in r for run in runs for r in run.evals)]
-    fig, axes = _figure(2 + len(terms), max_cols=2 if len(terms) == 2 else 3)
-    keys = ["loss", "nll_loss", *terms]
-    titles = {"loss": "loss (each objective's own)", "nll_loss": "NLL of chosen responses"}
-    ylabels = {"loss": "loss", "nll_loss": "NLL (nats per chosen token)"}
-    for ax, key in zip(axes, keys, strict=True):
-        for run, color in zip(runs, colors, strict=True):
-            _curve(ax, run, key, color, None)
-        ax.set_title(titles.get(key, key))
-        ax.set_ylabel(ylabels.get(key, f"{key} (per pair)"))
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-    _run_legend(fig, runs, colors, _TRAIN_EVAL)
-    return fig
-
-
-def plot_preference(runs: list[Run], colors: list[Any]):
-    """Does the model prefer chosen: log odds ratio, accuracy (share of pairs) and margin, train and eval."""
-    fig, axes = _figure(3)
-    titles = {"log_odds_ratio": "log odds ratio (chosen vs rejected)", "accuracy": "accuracy (logp chosen > rejected)",
-              "margin": "margin (logp chosen − rejected)"}
-    ylabels = {"log_odds_ratio": "log odds(chosen) − log odds(rejected)", "accuracy": "share of pairs",
-               "margin": "Δ mean log P(response token)"}
-    for ax, key in zip(axes, titles, strict=True):
-        for run, color in zip(runs, colors, strict=True):
-            _curve(ax, run, key, color, None)
-        ax.set_title(titles[key])
-        ax.set_ylabel(ylabels[key])
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-    axes[1].axhline(0.5, color="0.5", linewidth=0.8, linestyle=":")
-    _run_legend(fig, runs, colors, _TRAIN_EVAL)
-    return fig
-
-
-def plot_optim(runs: list[Run], colors: list[Any]):
-    """Learning rate and gradient norm (before clipping)."""
-    fig, (lr_ax, gn_ax) = _figure(2)
-    for run, color in zip(runs, colors, strict=True):
-        _curve(lr_ax, run, "lr", color, None, evals=False, smooth=False)
-        _curve(gn_ax, run, "grad_norm", color, None, evals=False)
-    lr_ax.set_title("learning rate")
-    lr_ax.set_ylabel("learning rate")
-    gn_ax.set_title("gradient norm (before clipping)")
-    gn_ax.set_ylabel("global L2 norm of the gradients")
-    if any(v > 0 for run in runs for v in _series(run.train, "grad_norm")[1]):
-        gn_ax.set_yscale("log")
-    for a in (lr_ax, gn_ax):
-        a.set_xlabel("step")
-        a.grid(alpha=0.3)
-    _run_legend(fig, runs, colors)
-    return fig
 
 
 # ------------------------------------------------------------------------------ the page
@@ -433,11 +259,13 @@ def write_report(run_dirs: list[Path], out_dir: Path, names: list[str] | None = 
         raise NotARunError(f"--out {out_dir} is one of the runs: write the report to a folder of its own")
     colors = _colors(len(runs))
     pngs: dict[str, bytes] = {}
-    plots = {"logps": plot_logps, "loss": plot_loss, "preference": plot_preference, "optim": plot_optim}
+    plots = {"logps": plot_logps, "loss": plot_loss, "preference": plot_preference, "optim": plot_optim,
+             "benchmarks": plot_benchmarks}
+    figures = FIGURES + (("benchmarks",) if any(r.benchmarks for r in runs) else ())
     summaries = [run_summary(r) for r in runs]
     # the whole folder, published at once: a report is never half old, half new
     with disk.publish_owned(out_dir, "report", "orpo report --out", legacy=_legacy_report) as tmp:
-        for name in FIGURES:
+        for name in figures:
             fig = plots[name](runs, colors)
             fig.savefig(tmp / f"{name}.png", format="png")
             pngs[name] = (tmp / f"{name}.png").read_bytes()
@@ -448,7 +276,8 @@ def write_report(run_dirs: list[Path], out_dir: Path, names: list[str] | None = 
 
 def _legacy_report(folder: Path, names: list[str]) -> bool:
     """A report folder written before markers existed: nothing but a report's own files."""
-    return set(names) <= {"report.html", "summary.json", *(f"{f}.png" for f in FIGURES)} and "report.html" in names
+    pngs = {f"{f}.png" for f in FIGURES + OPTIONAL_FIGURES}
+    return set(names) <= {"report.html", "summary.json", *pngs} and "report.html" in names
 
 
 _CSS = """
@@ -471,6 +300,8 @@ _CAPTIONS = {
     "preference": "Whether the model prefers the chosen response: log odds ratio, accuracy and margin of the "
                   "length-averaged log-probs.",
     "optim": "Learning rate and gradient norm.",
+    "benchmarks": "The train.benchmark_tasks metrics (lm-evaluation-harness) at the steps they ran, with lm-eval's "
+                  "standard errors: a falling line while the preference metrics improve is forgetting.",
 }
 
 
@@ -486,11 +317,6 @@ def _fmt(v: Any, signed: bool = False) -> str:
 def _text(v: Any) -> str:
     """A sample's field as text: a string as it is, anything else (a hand-made samples.jsonl) as JSON."""
     return v if isinstance(v, str) else json.dumps(v, ensure_ascii=False)
-
-
-def _utf8(text: str) -> str:
-    """``text`` that encodes as UTF-8: a lone surrogate (a JSON escape, or a folder name's undecodable byte) is ``?``."""
-    return text.encode("utf-8", "replace").decode("utf-8")
 
 
 def _html(runs: list[Run], summaries: list[dict[str, Any]], pngs: dict[str, bytes], colors: list[Any]) -> str:
@@ -519,7 +345,7 @@ def _html(runs: list[Run], summaries: list[dict[str, Any]], pngs: dict[str, byte
     out.append("</table><p>Eval numbers at the last eval; Δ = change since the first eval (step 0). "
                "Best step: lowest eval loss of the run's own objective (losses of different objectives do "
                "not compare).</p>")
-    for name in FIGURES:
+    for name in pngs:
         data = base64.b64encode(pngs[name]).decode()
         out.append(f"<h2>{e(name)}</h2><p>{e(_CAPTIONS[name])}</p><img alt='{e(name)}' "
                    f"src='data:image/png;base64,{data}'>")
@@ -527,6 +353,8 @@ def _html(runs: list[Run], summaries: list[dict[str, Any]], pngs: dict[str, byte
         out.append(f"<h2>Run {e(run.name)}</h2><p><code>{e(str(run.path))}</code> · {e(run.objective_label)} · "
                    f"{_fmt(s['steps'])} steps</p>")
         out.append(_eval_table(s))
+        if "benchmarks" in s:
+            out.append(_bench_table(s["benchmarks"]))
         if run.warnings:
             out.append("<h3>Warnings</h3><ul>" + "".join(
                 f"<li>step {_fmt(w['step'])}: <b>{e(str(w['warning']))}</b> {e(str(w.get('message', '')))}</li>"
@@ -548,6 +376,14 @@ def _eval_table(s: dict[str, Any]) -> str:
             + "".join(f"<td>{_fmt(s[which].get(k))}</td>" for k in TABLE_KEYS) + "</tr>"
             for label, which in (("final", "final"), ("best", "best"))]
     return f"<table><tr><th class='l'>eval</th>{head}</tr>{''.join(rows)}</table>"
+
+
+def _bench_table(b: dict[str, Any]) -> str:
+    rows = "".join(f"<tr><td class='l'>{html.escape(k.removeprefix('bench_'))}</td><td>{_fmt(v['first'])}</td>"
+                   f"<td>{_fmt(v['final'])}</td><td>{_fmt(v['stderr'])}</td></tr>"
+                   for k, v in b.items() if isinstance(v, dict))
+    return (f"<h3>Benchmarks</h3><table><tr><th class='l'>metric</th><th>step {_fmt(b['first_step'])}</th>"
+            f"<th>step {_fmt(b['step'])}</th><th>stderr</th></tr>{rows}</table>")
 
 
 def _samples_table(run: Run) -> str:

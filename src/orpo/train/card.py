@@ -83,8 +83,9 @@ def _objective(cfg: Config) -> str:
 
 
 def model_card(cfg: Config, *, step: int, eval_row: dict[str, Any] | None, summary: Any, warnings: dict[str, str],
-               adapter: bool) -> str:
-    """README.md text for a saved model; ``summary``: the run's ``DataSummary`` (or None)."""
+               adapter: bool, benchmarks: dict[str, Any] | None = None) -> str:
+    """README.md text for a saved model; ``summary``: the run's ``DataSummary`` (or None); ``benchmarks``:
+    the record of ``train.benchmark_tasks`` (``orpo.train.benchmarks``: baseline, last, last_step)."""
     name = cfg.model.name_or_path
     base = hub_id(name)
     meta: dict[str, Any] = {}
@@ -115,6 +116,9 @@ def model_card(cfg: Config, *, step: int, eval_row: dict[str, Any] | None, summa
         lines.append("No eval set was configured.")
     lines.append("")
 
+    if benchmarks and benchmarks.get("last"):
+        lines += _benchmark_lines(cfg, benchmarks)
+
     lines += ["## Run-health warnings", ""]
     lines += [f"- `{code}`: {message}" for code, message in warnings.items()] or ["None were raised."]
     lines.append("")
@@ -129,3 +133,21 @@ def model_card(cfg: Config, *, step: int, eval_row: dict[str, Any] | None, summa
     lines += ["## Configuration", "", "```yaml",
               yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True).rstrip(), "```", ""]
     return "\n".join(lines)
+
+
+def _benchmark_lines(cfg: Config, record: dict[str, Any]) -> list[str]:
+    """The lm-eval numbers of the latest benchmark run beside step 0's (``train.benchmark_tasks``)."""
+    last, base = record["last"], record.get("baseline", {})
+    docs = record.get("docs") or {}
+    scored = ", ".join(f"`{t}` {docs[t]}" for t in docs) or "all"
+    lines = ["## Benchmarks", "",
+             f"lm-evaluation-harness tasks {', '.join(f'`{t}`' for t in cfg.train.benchmark_tasks)} on the model during "
+             f"training (documents scored: {scored}):", "",
+             f"| metric | step {record.get('baseline_step', 0)} | step {record['last_step']} | stderr |", "|---|---|---|---|"]
+    for name, value in last.items():
+        if name.endswith("_stderr"):
+            continue
+        err = last.get(f"{name}_stderr")
+        lines.append(f"| {name.removeprefix('bench_')} | {_fmt(base.get(name, '-'))} | {_fmt(value)} | "
+                     f"{_fmt(err) if err is not None else '-'} |")
+    return [*lines, ""]

@@ -4,11 +4,12 @@
               -> data -> model -> engine.prepare (wrap/shard + optimizer) -> scheduler -> checkpoint
               state -> watchers' inputs -> run folder claimed, locked (and cleared) -> logger
     train()   [eval at step 0] -> per step: fetch grad_accum micro-batches -> _step -> _log
-              -> evaluate / save_checkpoint when due -> watchers -> [final eval] -> save_final -> summary
+              -> evaluate / save_checkpoint when due -> watchers -> [final eval] -> watchers' on_finish
+              (the final benchmarks) -> save_final -> summary
 
 The objective (``Objective``, default from ``cfg.orpo``) and the batch layout (``data.layout``,
 ``data/collate.py``) are passed in, so a new objective or layout never means a new trainer; what
-watches a run (health warnings, samples, the best checkpoint, signals) is a ``Watcher``
+watches a run (health warnings, samples, benchmarks, the best checkpoint, signals) is a ``Watcher``
 (``orpo.train.watch``) called at fixed moments, so the loop stays this one screen. Gradient
 accumulation and data parallelism never change the loss: each micro-batch's terms are divided by
 the token and pair counts of the whole optimizer step, over all micro-batches and all processes.
@@ -506,7 +507,7 @@ class Trainer:
                     row = logged or row
                     bar.update(self.state.step, row)
                     self._check_divergence()
-                    if self._due(t.eval_every) and self.eval_data is not None:
+                    if self.due(t.eval_every) and self.eval_data is not None:
                         self.evaluate()
                     if self._save_due():
                         self.save_checkpoint()
@@ -515,6 +516,7 @@ class Trainer:
                         self._stop()
                 if self.eval_data is not None and self.state.last_eval_step != self.state.step:
                     self.evaluate()
+                self._notify("on_finish")
             final_dir = self.save_final() if t.save_final else None
             result = self._result(time.perf_counter() - started, self.state.tokens_seen - tokens_at_start,
                                   self.state.train_seconds - seconds_at_start, final_dir, row)
@@ -538,6 +540,10 @@ class Trainer:
         """Append a row (it must hold ``step``) to metrics.jsonl and the trackers; main process only."""
         if self.logger is not None:
             self.logger.log(row)
+
+    def say(self, text: str) -> None:
+        """A line on the console, from the main process (beside the progress bar)."""
+        self._print(text)
 
     def warn(self, code: str, message: str) -> bool:
         """Report a run-health finding once per run (resumes included): printed, logged, in the summary.
@@ -643,7 +649,7 @@ class Trainer:
         self.state.train_seconds += seconds
         self.throughput.add(tokens, seconds)
 
-    def _due(self, every: int | str | None) -> bool:
+    def due(self, every: int | str | None) -> bool:
         """Whether a cadence falls on this step: every N optimizer steps, or ``"epoch"``: the step that
         completed an epoch's last micro-batch (the one it falls in, with accumulation)."""
         if every == "epoch":
@@ -653,7 +659,7 @@ class Trainer:
     def _log(self, out: StepOutput) -> dict[str, Any] | None:
         """Write the step's metrics (the true step values over all micro-batches and ranks)."""
         s = self.state
-        if not (self._due(self.cfg.train.log_every) or s.step == self.total_steps or s.bad_in_a_row):
+        if not (self.due(self.cfg.train.log_every) or s.step == self.total_steps or s.bad_in_a_row):
             return None
         m = out.sums.finalize()
         row: dict[str, Any] = {"step": s.step, "epoch": round(s.epoch + s.micro_batch / self.micro_batches_per_epoch, 4)}
@@ -667,7 +673,7 @@ class Trainer:
         """Whether to write a checkpoint now. One due during a streak of skipped (non-finite) steps is
         deferred to the first finite step after it, so every checkpoint holds a state that just took
         a finite step and a streak never rotates the last good checkpoint away."""
-        self._save_deferred = self._save_deferred or self._due(self.cfg.train.save_every)
+        self._save_deferred = self._save_deferred or self.due(self.cfg.train.save_every)
         if not self._save_deferred or self.state.bad_in_a_row:
             return False
         self._save_deferred = False
@@ -745,7 +751,8 @@ class Trainer:
                     self.tokenizer.save_pretrained(tmp)
                     (tmp / "README.md").write_text(model_card(
                         self.cfg, step=self.state.step, eval_row=eval_row, summary=getattr(self.data, "summary", None),
-                        warnings=self.state.warnings, adapter=is_peft_model(model)))
+                        warnings=self.state.warnings, adapter=is_peft_model(model),
+                        benchmarks=self.state.watchers.get("benchmarks")))
         return folder
 
     def _result(self, elapsed: float, tokens: int, step_seconds: float, final_dir: Path | None,

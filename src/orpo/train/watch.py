@@ -41,6 +41,9 @@ class Watcher:
     def on_eval(self, trainer: Trainer, row: dict[str, Any]) -> None:
         """After each evaluation; ``row`` holds ``step`` and the ``eval_*`` metrics, already logged."""
 
+    def on_finish(self, trainer: Trainer) -> None:
+        """After the last step and the final eval, before ``final/`` is written (its model card)."""
+
     def on_save(self, trainer: Trainer, path: Any) -> None:
         """After a checkpoint was written (every rank) to ``path``."""
 
@@ -70,6 +73,10 @@ def build_watchers(cfg: Config) -> list[Watcher]:
         from orpo.train import early_stop
 
         watchers += early_stop.build(cfg)
+    if cfg.train.benchmark_tasks:
+        from orpo.train import benchmarks
+
+        watchers += benchmarks.build(cfg)
     if cfg.train.eval_generate:
         from orpo.train.samples import EvalSamples
 
