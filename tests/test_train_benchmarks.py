@@ -145,6 +145,9 @@ def test_resume_keeps_the_step_0_baseline_and_the_earlier_results(run, tmp_path,
     out = tmp_path / "resumed"
     shutil.copytree(trainer.output_dir, out, symlinks=True)
     shutil.rmtree(out / "checkpoints" / "step-6", ignore_errors=True)
+    # killed while appending a line: its start is on disk
+    with (out / BENCH_FILE).open("a") as f:
+        f.write('{"step": 7, "seconds": 1.0, "lm_e')
     raw = _raw(out, stories_dir, hh_path, tasks_dir, resume="auto")
     resumed = Trainer(load_config(raw=raw), progress=False).setup()
     assert resumed.state.step == 3

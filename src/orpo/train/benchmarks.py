@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from orpo import disk
 from orpo.config import Config, ConfigError, HealthConfig
+from orpo.train.logger import read_rows, rows_up_to
 from orpo.train.watch import Watcher
 
 if TYPE_CHECKING:
@@ -64,8 +65,8 @@ class Benchmarks(Watcher):
         """Start benchmarks.jsonl afresh (on resume: keep the runs up to the resumed step), then the baseline."""
         if trainer.is_main:
             path = disk.child(trainer.output_dir, BENCH_FILE, "train.output_dir")
-            resumed = trainer.resume_from is not None and path.exists()
-            kept = [r for r in read_results(path) if r["step"] <= trainer.state.step] if resumed else []
+            # a line cut short by a kill while it was appended goes, as in metrics.jsonl
+            kept = rows_up_to(path, trainer.state.step) if trainer.resume_from is not None else []
             disk.write_atomic(path, "".join(_line(r) for r in kept).encode())
         if trainer.state.step == 0:
             self.run(trainer)
@@ -174,12 +175,7 @@ def _line(row: dict[str, Any]) -> str:
 
 def read_results(path: str | Path) -> list[dict[str, Any]]:
     """The runs in a ``benchmarks.jsonl`` (a run folder or the file): ``step``, ``seconds``, ``lm_eval``."""
-    p = Path(path)
-    if p.is_dir():
-        p = p / BENCH_FILE
-    if not p.exists():
-        return []
-    return [json.loads(line) for line in p.read_text(encoding="utf-8").split("\n") if line.strip()]
+    return read_rows(path, BENCH_FILE)
 
 
 def _slug(text: str) -> str:

@@ -53,7 +53,7 @@ class MetricsLogger:
                  tags: Sequence[str] = ()):
         self.path = Path(output_dir) / METRICS_FILE
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        kept = _rows_up_to(self.path, resume_step) if resume_step is not None else []
+        kept = rows_up_to(self.path, resume_step) if resume_step is not None else []
         write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept).encode())
         run = trackers.RunInfo(output_dir=Path(output_dir), config=config, resume_step=resume_step,
                                run_name=run_name or Path(output_dir).name, project=project, tags=tuple(tags))
@@ -83,13 +83,25 @@ class MetricsLogger:
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     """Rows of a ``metrics.jsonl`` (train and eval rows, in order)."""
+    return _parse(run_file(path, METRICS_FILE))
+
+
+def read_rows(path: str | Path, name: str) -> list[dict[str, Any]]:
+    """Rows of the JSONL file ``name`` of a run (a run folder or the file), in order; none before it exists."""
+    p = run_file(path, name)
+    return _parse(p) if p.exists() else []
+
+
+def run_file(path: str | Path, name: str) -> Path:
     p = Path(path)
-    if p.is_dir():
-        p = p / METRICS_FILE
-    return [json.loads(line) for line in p.read_text(encoding="utf-8").split("\n") if line.strip()]
+    return p / name if p.is_dir() else p
 
 
-def _rows_up_to(path: Path, step: int) -> list[dict[str, Any]]:
+def _parse(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]
+
+
+def rows_up_to(path: Path, step: int) -> list[dict[str, Any]]:
     """Rows up to ``step``; a last line cut short (the run was killed while appending it) is dropped."""
     if not path.exists():
         return []

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from orpo import disk
 from orpo.generation import generate
+from orpo.train.logger import read_rows
 from orpo.train.watch import Watcher
 
 if TYPE_CHECKING:
@@ -71,9 +72,4 @@ class EvalSamples(Watcher):
 
 def read_samples(path: str | Path) -> list[dict[str, Any]]:
     """Rows of a ``samples.jsonl`` (a run folder or the file), in order."""
-    p = Path(path)
-    if p.is_dir():
-        p = p / SAMPLES_FILE
-    if not p.exists():
-        return []
-    return [json.loads(line) for line in p.read_text(encoding="utf-8").split("\n") if line.strip()]
+    return read_rows(path, SAMPLES_FILE)
