@@ -223,3 +223,17 @@ def test_two_processes_benchmark_like_one(tmp_path, stories_dir, hh_path, tasks_
         assert a[PPL] == pytest.approx(b[PPL], rel=1e-4)
     assert [r["step"] for r in read_results(tmp_path / "ddp")] == [0, 1, 2]
     assert (tmp_path / "ddp" / BENCH_FILE).read_text().count("\n") == 3
+
+
+def test_benchmark_max_new_tokens_caps_what_lm_eval_generates(tmp_path, stories_dir, hh_path, tasks_dir):
+    """Read back from lm-eval's own record of the task it ran: ifeval's max_gen_toks (1280) cut to 4."""
+    raw = _raw(tmp_path / "run", stories_dir, hh_path, tasks_dir, max_steps=1, benchmark_every=None,
+               benchmark_limit=2, benchmark_max_new_tokens=4, benchmark_tasks=["ifeval"], eval_every=None,
+               save_every=None)
+    trainer = Trainer(load_config(raw=raw), progress=False).setup()
+    trainer.train()
+    runs = read_results(trainer.output_dir)
+    assert [r["step"] for r in runs] == [0, 1]
+    for r in runs:
+        assert r["lm_eval"]["configs"]["ifeval"]["generation_kwargs"]["max_gen_toks"] == 4
+        assert r["lm_eval"]["n-samples"]["ifeval"]["effective"] == 2
