@@ -70,3 +70,30 @@ def one_thread():
 def _isolated_cache(tmp_path_factory, monkeypatch):
     """Each test session gets its own tokenization cache, never the user's ~/.cache/orpo."""
     monkeypatch.setenv("ORPO_CACHE", str(tmp_path_factory.getbasetemp() / "orpo-cache"))
+
+
+@pytest.fixture(scope="session")
+def verdict_judges(stories_dir: Path, tmp_path_factory) -> dict[str, Path]:
+    """stories260K trained to answer every judge prompt "[[A]]" (``judge_model.py``), saved twice:
+    ``chat`` with a chat template (a served judge is asked by chat), ``plain`` without one (asked by
+    ``/completions``, the fallback), the same weights."""
+    from judge_model import verdict_judge
+    from transformers import AutoTokenizer
+
+    chat = verdict_judge(stories_dir, tmp_path_factory.mktemp("judge-chat"), "[[A]]", chat=True)
+    plain = tmp_path_factory.mktemp("judge-plain")
+    for f in chat.iterdir():
+        if f.name not in ("tokenizer_config.json", "tokenizer.json", "chat_template.jinja"):
+            (plain / f.name).write_bytes(f.read_bytes())
+    AutoTokenizer.from_pretrained(stories_dir).save_pretrained(plain)
+    return {"chat": chat, "plain": plain}
+
+
+@pytest.fixture(scope="session")
+def model_server(tmp_path_factory):
+    """One real ``transformers serve`` for the session, serving any local folder a request names
+    (its access log, ``server.log``, lists every request)."""
+    from served import served
+
+    with served(log_dir=tmp_path_factory.mktemp("serve"), extra_args=("--log-level", "info")) as s:
+        yield s

@@ -233,6 +233,8 @@ def _parser() -> argparse.ArgumentParser:
     hp.set_defaults(func=_cmd_push)
 
     _register("orpo.harness.command", sub)
+    _register("orpo.compare", sub)
+    _register("orpo.pairs.command", sub)
     c = sub.add_parser("config-doc", help="print the configuration reference (Markdown)")
     c.set_defaults(func=_cmd_config_doc)
     return p
@@ -359,7 +361,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from orpo.data.prompts import PromptRow, read_prompts
     from orpo.data.templates import render_prompt, resolve_chat_template
     from orpo.data.tokenize import encode_prompt
-    from orpo.disk import expand, write_atomic
+    from orpo.disk import output_file, write_atomic
     from orpo.generation import Sampling, generate
     from orpo.train.evaluate import load_for_inference
 
@@ -368,10 +370,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
                           "--temperature at least 0")
     if args.out and not args.prompts:
         raise ConfigError("--out is for --prompts (one prompt's reply is printed)")
-    out = expand(args.out) if args.out else None
-    if out is not None and (out.is_dir() or not out.parent.is_dir()):
-        raise ConfigError(f"--out {args.out}: " + ("a folder: name a file" if out.is_dir() else
-                                                   f"its folder {out.parent} does not exist"))
+    out = output_file(args.out, "--out", lambda row: {"completion", "new_tokens"} <= row.keys()) if args.out else None
     if args.prompts:
         rows = read_prompts(args.prompts)
     else:

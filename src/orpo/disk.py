@@ -64,6 +64,31 @@ def refuse_special(path: Path, what: str) -> None:
                         "orpo writes only into a folder of its own: pick a new one, such as runs/NAME")
 
 
+def output_file(spec: str, what: str, ours: Callable[[dict[str, Any]], bool]) -> Path:
+    """The JSON Lines file a command writes (``--out FILE.jsonl``), checked before anything runs.
+
+    A file has no marker, so an existing one is replaced only if it is empty or its first row is one
+    this command writes (``ours``); anything else, a link or a folder is refused, naming it."""
+    path = expand(spec)
+    if path.is_symlink() or (path.exists() and not path.is_file()):
+        raise DiskError(f"{what} {spec}: " + ("a folder: name a file" if path.is_dir() and not path.is_symlink()
+                                             else "not a regular file; orpo never writes through a link"))
+    if not path.parent.is_dir():
+        raise DiskError(f"{what} {spec}: its folder {path.parent} does not exist")
+    if path.exists() and path.stat().st_size:
+        with open(path, "rb") as f:
+            first = f.readline(1 << 20)
+        try:
+            row = json.loads(first)
+        except ValueError:
+            row = None
+        if not isinstance(row, dict) or not ours(row):
+            raise DiskError(f"{what} {spec}: the file exists and orpo did not write it (its first line is not "
+                            "one of this command's rows); orpo replaces only its own files: move it or pick "
+                            "another name")
+    return path
+
+
 # ---------------------------------------------------------------------------------------------
 # Ownership: the marker
 
