@@ -175,10 +175,13 @@ class LengthBias:
     length_unit: str  # "tokens" or "characters"
 
     @classmethod
-    def of(cls, chosen: Sequence[int], rejected: Sequence[int], unit: str) -> LengthBias:
-        n = max(len(chosen), 1)
-        return cls(chosen_longer_share=sum(c > r for c, r in zip(chosen, rejected, strict=True)) / n,
-                   mean_chosen_length=sum(chosen) / n, mean_rejected_length=sum(rejected) / n, length_unit=unit)
+    def of(cls, chosen: Sequence[int] | np.ndarray, rejected: Sequence[int] | np.ndarray, unit: str) -> LengthBias:
+        c, r = np.asarray(chosen, dtype=np.int64), np.asarray(rejected, dtype=np.int64)
+        if c.shape != r.shape:
+            raise ValueError(f"{len(c)} chosen and {len(r)} rejected lengths")
+        n = max(len(c), 1)
+        return cls(chosen_longer_share=int((c > r).sum()) / n, mean_chosen_length=int(c.sum()) / n,
+                   mean_rejected_length=int(r.sum()) / n, length_unit=unit)
 
 
 def _texts(pair: Pair) -> list[str]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import re
+from array import array
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -86,7 +87,8 @@ class NormalizedRows:
     rows_read: int
     skipped: dict[str, int] = field(default_factory=dict)
     first_errors: list[str] = field(default_factory=list)
-    indices: list[int] = field(default_factory=list)  # the source row (0-based) of each pair
+    # the source row (0-based) of each pair: an array('q'), 8 bytes a pair
+    indices: Sequence[int] = field(default_factory=list)
     bad_rows: list[tuple[int, str]] = field(default_factory=list)  # (source row, kind) of each skipped row
 
 
@@ -188,7 +190,7 @@ def normalize(
 
     writer = PairWriter(store) if store is not None else None
     pairs: list[Pair] = []
-    indices: list[int] = []
+    indices = array("q")
     bad_rows: list[tuple[int, str]] = []
     skipped: Counter[str] = Counter()
     first_errors: list[str] = []

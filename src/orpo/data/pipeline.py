@@ -33,6 +33,7 @@ from orpo.data import stored
 from orpo.data.cache import cache_root, data_identity, fingerprint, rows_digest
 from orpo.data.checks import Finding, LengthBias, find_faults, leak_markers, prompt_overlap
 from orpo.data.formats import NormalizedRows, Pair, normalize
+from orpo.data.refs import Refs
 from orpo.data.sources import DataError, RowSource, load_rows, rows_from_memory
 from orpo.data.summary import DataSummary, LengthStats, length_stats
 from orpo.data.templates import ChatTemplate, resolve_chat_template
@@ -254,7 +255,7 @@ class SourcedPairs:
     """Pairs with the row each came from: ``refs[k] = (source number, row index in that source)``."""
 
     pairs: Sequence[Pair]  # a list, or pairs on disk (``stored.StoredPairs``)
-    refs: list[tuple[int, int]]
+    refs: Refs
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -263,7 +264,7 @@ class SourcedPairs:
         return SourcedPairs(stored.join(self.pairs, other.pairs), self.refs + other.refs)
 
     def select(self, positions: Sequence[int]) -> SourcedPairs:
-        return SourcedPairs(stored.select(self.pairs, positions), [self.refs[i] for i in positions])
+        return SourcedPairs(stored.select(self.pairs, positions), self.refs.select(positions))
 
 
 @dataclass
@@ -296,9 +297,9 @@ class ReadData:
         numbers = range(len(self.sources)) if sources is None else sources
         return [((k, i), kind) for k in numbers for i, kind in self.norms[k].bad_rows]
 
-    def source_counts(self, refs: Sequence[tuple[int, int]], kept: np.ndarray) -> list[dict[str, Any]]:
+    def source_counts(self, refs: Refs, kept: np.ndarray) -> list[dict[str, Any]]:
         """Per training source: rows read, valid pairs, pairs in the mixture, pairs kept after tokenizing."""
-        kept_by = Counter(ref[0] for ref, k in zip(refs, kept, strict=True) if k)
+        kept_by = Counter(refs.source[np.asarray(kept, dtype=bool)].tolist())
         return [{"name": self.sources[k].name, "format": self.norms[k].format, "rows_read": self.norms[k].rows_read,
                  "pairs": len(self.norms[k].pairs), "mixed": self.mixed[k], "kept": kept_by.get(k, 0)}
                 for k in range(len(self.mixed))]
@@ -325,12 +326,12 @@ def read_pairs(cfg: DataConfig, train_specs: Sequence[SourceSpec], eval_spec: So
             source, spec.rows = source.without_rows(), None
         sources.append(source)
         norms.append(norm)
-        parts.append(SourcedPairs(norm.pairs, [(k, i) for i in norm.indices]))
+        parts.append(SourcedPairs(norm.pairs, Refs.of(k, norm.indices)))
     train_parts = parts[: len(train_specs)]
     takes = mixture_takes([len(p) for p in train_parts], [s.settings for s in train_specs])
     chosen = [p.select(sample_positions(len(p), take, seed, k)) for k, (p, take) in enumerate(zip(
         train_parts, takes, strict=True))]
-    train = SourcedPairs([], [])
+    train = SourcedPairs([], Refs.empty())
     for part in chosen:
         train = train + part
     if cfg.max_samples and len(train_specs) == 1:
@@ -393,7 +394,7 @@ def run_checks(read: ReadData, subject: SourcedPairs, markers: Sequence[str], na
     faults = find_faults(subject.pairs, subject.refs, bad, markers)
     out: dict[str, Any] = {k: asdict(Finding.of(v, name)) for k, v in faults.items()}
     if stats is not None:
-        length = LengthBias.of(stats["chosen_tokens"].tolist(), stats["rejected_tokens"].tolist(), "tokens")
+        length = LengthBias.of(stats["chosen_tokens"], stats["rejected_tokens"], "tokens")
         kept = stats["drop_reason"] == ""
         cut = [ref for ref, reason in zip(subject.refs, stats["drop_reason"], strict=True)
                if reason == NO_ROOM_FOR_RESPONSE]
