@@ -275,3 +275,17 @@ def test_random_documents_and_overrides_give_a_config_or_a_config_error(tmp_path
         assert time.monotonic() - start < 5
 
     check()
+
+
+def test_a_key_with_a_bracket_is_named_not_taken_for_a_union_tag(tmp_path):
+    """Found by the fuzz test above: `d[ata: []` crashed the error formatter (the key was dropped as
+    if it were pydantic's `list[...]` branch tag, leaving an empty location)."""
+    from orpo.config import ConfigError, load_config
+
+    path = tmp_path / "c.yaml"
+    for text, words in (("d[ata: []\n", "d[ata: unknown key (did you mean 'data'?)"),
+                        ("data:\n  max_len[gth]: 3\n", "data.max_len[gth]: unknown key")):
+        path.write_text(text)
+        with pytest.raises(ConfigError) as err:
+            load_config(path)
+        assert words in str(err.value) and "\n" not in str(err.value)

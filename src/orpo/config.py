@@ -926,16 +926,41 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     try:
         return Config.model_validate(raw)
     except ValidationError as e:
-        raise ConfigError(format_validation_error(e, source=str(path) if path else "config")) from None
+        raise ConfigError(format_validation_error(e, source=str(path) if path else "config", data=raw)) from None
 
 
-def format_validation_error(err: ValidationError, source: str) -> str:
+# the branch tags pydantic puts in a union's error locations (`str`, `list[str]`, `function-after[...]`);
+# a user's key such as "d[ata" is not one of them
+_UNION_TAG = re.compile(r"str|int|float|bool|none|[a-z][\w-]*\[.*\]")
+
+
+def _user_location(loc: tuple, data: Any) -> tuple:
+    """``loc`` without pydantic's branch tags. A part that is a key (or index) of the validated
+    ``data`` at that point is the user's, whatever it looks like ("d[ata"); only a part that is not,
+    and looks like a tag, is dropped. Without ``data``, every part that looks like a tag is."""
+    out, here, known = [], data, data is not None
+    for part in loc:
+        if known and isinstance(here, dict) and part in here:
+            out.append(part)
+            here = here[part]
+        elif known and isinstance(here, list) and isinstance(part, int) and 0 <= part < len(here):
+            out.append(part)
+            here = here[part]
+        elif isinstance(part, str) and _UNION_TAG.fullmatch(part):
+            continue
+        else:
+            # past what the user wrote (a missing key, a default): nothing more to compare with
+            out.append(part)
+            known = False
+    return tuple(out)
+
+
+def format_validation_error(err: ValidationError, source: str, data: Any = None) -> str:
     """One line for one mistake; several are listed one per line under a header."""
     lines = [f"{source}: invalid configuration"]
     # pydantic tags a union's branches and validators in the location (`str`, `list[...]`,
     # `function-after[...]`): drop them, and drop "wrong type" for a branch whose sibling got deeper
-    errors = [(tuple(x for x in e["loc"] if not (isinstance(x, str) and ("[" in x or x == "str"))), e)
-              for e in err.errors()]
+    errors = [(_user_location(e["loc"], data), e) for e in err.errors()]
     deeper = {o[:i] for o, _ in errors for i in range(len(o))}  # every proper prefix: linear, not quadratic
     errors = [(loc, e) for loc, e in errors if not (e["type"].endswith("_type") and loc in deeper)]
     # a list of 100,000 wrong items is one mistake: show the first MAX_ERRORS, count the rest
@@ -960,6 +985,9 @@ def format_validation_error(err: ValidationError, source: str) -> str:
 
 def _suggest(loc: tuple) -> str | None:
     import difflib
+
+    if not loc:
+        return None
 
     def section(ann: Any) -> type[BaseModel] | None:
         """The section class inside an annotation (``X | None``, ``str | list[X]``)."""
