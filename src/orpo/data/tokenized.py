@@ -112,8 +112,18 @@ def stat_columns(ds: datasets.Dataset) -> dict[str, np.ndarray]:
     with pa.OSFile(whole) as f:
         for batch in pa.ipc.open_stream(f):
             for c in STAT_COLUMNS:
-                parts[c].append(np.asarray(batch.column(c).to_pylist()))
+                column = batch.column(c)
+                # a copy: a zero-copy view would keep the whole batch, token ids and all, alive
+                parts[c].append(_reasons(column) if c == "drop_reason" else column.to_numpy(zero_copy_only=False).copy())
     return {c: np.concatenate(v) if v else np.asarray(ds[c]) for c, v in parts.items()}
+
+
+def _reasons(column) -> np.ndarray:
+    """The drop reasons as an object array pointing at the few distinct strings: 8 bytes a pair, where
+    ``np.asarray`` of the strings makes a ``<U20`` array of 80 bytes a pair."""
+    encoded = column.dictionary_encode()
+    names = np.asarray(encoded.dictionary.to_pylist(), dtype=object)
+    return names[encoded.indices.to_numpy(zero_copy_only=False)]
 
 
 def drop_rows(ds: datasets.Dataset, path: Path | None = None) -> tuple[datasets.Dataset, dict[str, int]]:
