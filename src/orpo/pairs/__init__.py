@@ -8,3 +8,6 @@ progress.py  the progress file beside --out: what a killed run has done, checked
 build.py     the strategies, one source row at a time, and the summary
 command.py   the command line
 """
+
+# here, not in build.py: the command line lists them without importing torch
+STRATEGIES = ("reference-vs-sample", "best-vs-worst", "judge-pairwise")

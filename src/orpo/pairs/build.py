@@ -21,8 +21,6 @@ from orpo.pairs.demos import Demo
 from orpo.pairs.sampling import SampleSpec, sample_seed
 from orpo.pairs.scorers import Scorer
 
-STRATEGIES = ("reference-vs-sample", "best-vs-worst", "judge-pairwise")
-
 
 class Generator(Protocol):
     name: str

@@ -14,7 +14,7 @@ import sys
 import time
 from typing import Any
 
-STRATEGIES = ("reference-vs-sample", "best-vs-worst", "judge-pairwise")
+from orpo.pairs import STRATEGIES
 
 EPILOG = """\
 Sources: any file or hub dataset orpo reads: prompt/response, instruction(+input)/output, messages ending in an
